@@ -1,0 +1,32 @@
+// Every pyparallel op schema, in one place. Device kernels are registered next to their code:
+// TORCH_LIBRARY_IMPL(pyparallel, CPU, m) in csrc/cpu/*.cpp and (pyparallel, CUDA, m) in csrc/cuda/*.cu,
+// so the dispatcher picks the implementation by the tensors' device.
+//
+// The module object pyparallel._C exists only so that `import pyparallel._C` loads this library and runs
+// the registrations below; everything is reached through torch.ops.pyparallel.*.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "pyparallel's compiled ops", -1,
+                                          nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(pyparallel, m) {
+  // Blockwise symmetric int8 (absmax per block of `block_size` consecutive elements of the flattened x).
+  m.def("quantize_int8(Tensor x, int block_size, bool stochastic=False, Generator? generator=None)"
+        " -> (Tensor q, Tensor scales)");
+  m.def("dequantize_int8(Tensor q, Tensor scales, int block_size, ScalarType? dtype=None) -> Tensor");
+  m.def("dequantize_add_(Tensor(a!) acc, Tensor q, Tensor scales, int block_size) -> ()");
+
+  // Exact top-k by magnitude with optional error feedback (residual is updated in place).
+  m.def("topk_compress(Tensor x, int k, Tensor(a!)? residual=None, ScalarType? index_dtype=None)"
+        " -> (Tensor values, Tensor indices)");
+  m.def("scatter_add_(Tensor(a!) out, Tensor indices, Tensor values) -> ()");
+
+  // Bucketing: metadata-only assignment, then flat copies in and out.
+  m.def("bucket_assignment(int[] numels, int[] element_sizes, int[] group_keys, int[] size_limits) -> int[]");
+  m.def("bucket_flatten(Tensor[] tensors, Tensor(a!) out) -> ()");
+  m.def("bucket_unflatten(Tensor flat, Tensor(a!)[] tensors) -> ()");
+}

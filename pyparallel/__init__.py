@@ -1,0 +1,19 @@
+"""pyparallel: collective communication for PyTorch training.
+
+Compiled ops live under ``torch.ops.pyparallel.*`` with typed wrappers in :mod:`pyparallel.ops`.
+"""
+
+import torch  # noqa: F401  (loads libtorch before our extension)
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.pyparallel.*)
+except ImportError as exc:  # a missing or broken build must be loud, with the fix
+    raise ImportError(
+        "pyparallel's compiled extension pyparallel._C is missing or failed to load "
+        f"({exc}). Build it with `make build` (or `pip install --no-build-isolation -e .`)."
+    ) from exc
+
+from . import ops  # noqa: E402
+
+__all__ = ["ops"]
+__version__ = "0.1.0"

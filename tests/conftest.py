@@ -1,0 +1,28 @@
+"""Shared fixtures: devices to run on, and a fresh random seed per run that is printed for replay."""
+
+import os
+import random
+
+import pytest
+import torch
+
+import pyparallel  # noqa: F401  (loads the extension; a missing build fails every test loudly)
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device"))]
+
+_SEED = int(os.environ.get("PYPARALLEL_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"pyparallel test seed: {_SEED} (replay with PYPARALLEL_TEST_SEED={_SEED})"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything(request):
+    # Fresh inputs on every run, reproducible from the printed seed plus the test's name.
+    seed = (_SEED + sum(map(ord, request.node.nodeid))) % 2**31
+    torch.manual_seed(seed)
+    random.seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield
