@@ -26,3 +26,26 @@ def _seed_everything(request):
     random.seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+_POOLS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def dist_pool():
+    """Factory: dist_pool(world_size) -> a running WorkerPool, shared by every test of the session.
+
+    A pool that was killed (a timeout, a dead rank) is replaced on the next request.
+    """
+    from dist_harness import WorkerPool
+
+    def get(world_size: int) -> WorkerPool:
+        pool = _POOLS.get(world_size)
+        if pool is None or not pool.alive:
+            pool = _POOLS[world_size] = WorkerPool(world_size)
+        return pool
+
+    yield get
+    for pool in _POOLS.values():
+        pool.close()
+    _POOLS.clear()

@@ -1,0 +1,104 @@
+"""Real multi-process tests without paying process start-up per test.
+
+A :class:`WorkerPool` starts ``world_size`` spawned processes once, each joined to one Gloo process group
+(FileStore rendezvous), and then runs many test cases in them: ``pool.run(fn, *args)`` calls
+``fn(*args)`` on every rank and returns the per-rank results. ``fn`` must be a module-level function
+(it is pickled by reference). Every call has a deadline: a rank that does not answer in time fails the
+test, and the pool is killed, so a hang never stalls CI.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import tempfile
+import time
+import traceback
+
+
+class RankFailed(AssertionError):
+    pass
+
+
+def _worker_main(rank, world_size, init_file, conn, pg_timeout_s, threads):
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)  # several ranks share few cores: no oversubscription
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=pg_timeout_s))
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        fn, args = msg
+        try:
+            conn.send(("ok", fn(*args)))
+        except BaseException:  # report everything, including assertion failures, to the parent
+            conn.send(("error", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class WorkerPool:
+    def __init__(self, world_size: int, pg_timeout_s: float = 30.0, threads: int = 1):
+        self.world_size = world_size
+        self._dir = tempfile.mkdtemp(prefix="pyparallel-pool-")
+        ctx = mp.get_context("spawn")
+        self._conns, self._procs = [], []
+        init_file = os.path.join(self._dir, "store")
+        for rank in range(world_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(rank, world_size, init_file, child, pg_timeout_s, threads),
+                               daemon=True)
+            proc.start()
+            self._conns.append(parent)
+            self._procs.append(proc)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._procs) and all(p.is_alive() for p in self._procs)
+
+    def run(self, fn, *args, timeout: float = 120.0) -> list:
+        """fn(*args) on every rank; returns the results by rank or raises with every failing rank's traceback."""
+        if not self.alive:
+            raise RuntimeError("worker pool is not running")
+        for conn in self._conns:
+            conn.send((fn, args))
+        deadline = time.monotonic() + timeout
+        results, errors = [None] * self.world_size, []
+        for rank, conn in enumerate(self._conns):
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                self.kill()
+                raise TimeoutError(f"rank {rank} did not finish {fn.__name__} within {timeout:.0f} s (pool killed)")
+            try:
+                status, value = conn.recv()
+            except EOFError:
+                self.kill()
+                raise RankFailed(f"rank {rank} died while running {fn.__name__}") from None
+            if status == "ok":
+                results[rank] = value
+            else:
+                errors.append(f"--- rank {rank} ---\n{value}")
+        if errors:
+            raise RankFailed(f"{fn.__name__} failed on {len(errors)} rank(s):\n" + "\n".join(errors))
+        return results
+
+    def kill(self) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+        for p in self._procs:
+            p.join(5)
+        self._procs = []
+
+    def close(self) -> None:
+        for conn in self._conns:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        deadline = time.monotonic() + 10
+        for p in self._procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        self.kill()
