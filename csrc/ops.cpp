@@ -29,4 +29,13 @@ TORCH_LIBRARY(pyparallel, m) {
   m.def("bucket_assignment(int[] numels, int[] element_sizes, int[] group_keys, int[] size_limits) -> int[]");
   m.def("bucket_flatten(Tensor[] tensors, Tensor(a!) out) -> ()");
   m.def("bucket_unflatten(Tensor flat, Tensor(a!)[] tensors) -> ()");
+
+  // Collectives over the torch.distributed process group named group_name (csrc/comm). In place; each
+  // returns the bytes this rank sent. verify=True first checks that every rank passed the same header.
+  m.def("ring_all_reduce_(Tensor(a!) tensor, str group_name, bool average=False, int segment_bytes=1048576,"
+        " bool verify=True) -> int");
+  m.def("ring_all_reduce_int8_(Tensor(a!) tensor, str group_name, bool average=False, int block_size=256,"
+        " int segment_bytes=1048576, bool verify=True) -> int");
+  m.def("topk_all_reduce_(Tensor(a!) tensor, str group_name, int k, Tensor(b!)? residual=None,"
+        " bool average=False, bool verify=True) -> int");
 }

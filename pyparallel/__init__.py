@@ -14,6 +14,8 @@ except ImportError as exc:  # a missing or broken build must be loud, with the f
     ) from exc
 
 from . import ops  # noqa: E402
+from . import pipeline  # noqa: E402
+from .comm import Int8, Topk, all_reduce  # noqa: E402
 
-__all__ = ["ops"]
+__all__ = ["ops", "all_reduce", "Int8", "Topk", "pipeline"]
 __version__ = "0.1.0"

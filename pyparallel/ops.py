@@ -168,3 +168,19 @@ def _bucket_flatten_fake(tensors, out):
 @torch.library.register_fake("pyparallel::bucket_unflatten")
 def _bucket_unflatten_fake(flat, tensors):
     return None
+
+
+# The collectives mutate their input in place and return the bytes sent, which a trace cannot know: 0.
+@torch.library.register_fake("pyparallel::ring_all_reduce_")
+def _ring_all_reduce_fake(tensor, group_name, average=False, segment_bytes=0, verify=True):
+    return 0
+
+
+@torch.library.register_fake("pyparallel::ring_all_reduce_int8_")
+def _ring_all_reduce_int8_fake(tensor, group_name, average=False, block_size=0, segment_bytes=0, verify=True):
+    return 0
+
+
+@torch.library.register_fake("pyparallel::topk_all_reduce_")
+def _topk_all_reduce_fake(tensor, group_name, k, residual=None, average=False, verify=True):
+    return 0

@@ -51,7 +51,14 @@ def dequantize_add_(acc, q, scales, block_size):
 
 def topk_compress(x, k, residual=None, index_dtype=torch.int64):
     y = x.reshape(-1) if residual is None else residual.view(-1).add_(x.reshape(-1))
-    _, idx = torch.topk(y.abs(), k, sorted=False)
+    # Magnitudes as fp32 bit patterns: integer order is magnitude order with NaN above Inf, as in the kernels.
+    keys = y.float().abs().view(torch.int32)
+    _, idx = torch.topk(keys, k, sorted=False)
+    if k:  # torch.topk breaks ties arbitrarily: keep everything above the k-th key, then the first ties
+        threshold = keys[idx].min()
+        above = (keys > threshold).nonzero().view(-1)
+        ties = (keys == threshold).nonzero().view(-1)[: k - above.numel()]
+        idx = torch.cat([above, ties])
     idx, _ = torch.sort(idx)
     values = y[idx]
     if residual is not None:
@@ -93,3 +100,68 @@ def bucket_flatten(tensors, out):
 def bucket_unflatten(flat, tensors):
     for t, piece in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
         t.copy_(piece.view(t.shape))
+
+
+# Collectives: given every rank's input, what each rank must end up with. They follow the ring's order of
+# additions (Note [Dense ring], Note [Int8 ring]) so the results are bitwise those of the C++ ring.
+
+DENSE_ALIGN = 16
+
+
+def _chunks(numel: int, n: int, align: int) -> list[slice]:
+    per = -(-(-(-numel // n)) // align) * align
+    return [slice(min(c * per, numel), min((c + 1) * per, numel)) for c in range(n)]
+
+
+def ring_all_reduce(inputs: list[torch.Tensor], average: bool = False) -> torch.Tensor:
+    """Chunk c is summed as x_c + x_{c+1} + ... (ranks mod n), each hop in fp32 rounded to the dtype."""
+    n, dtype = len(inputs), inputs[0].dtype
+    flats = [x.reshape(-1) for x in inputs]
+    out = torch.empty_like(flats[0])
+    for c, sl in enumerate(_chunks(out.numel(), n, DENSE_ALIGN)):
+        acc = flats[c][sl]
+        for j in range(1, n):
+            x = flats[(c + j) % n][sl]
+            if average and j == n - 1:
+                acc = (acc + x) / n if dtype == torch.float32 else ((acc.float() + x.float()) / n).to(dtype)
+            else:
+                acc = acc + x  # fp16/bf16: computed in fp32, rounded once, like the ring's hop
+        out[sl] = acc
+    return out.view(inputs[0].shape)
+
+
+def ring_all_reduce_int8(inputs: list[torch.Tensor], average: bool = False, block_size: int = 256) -> torch.Tensor:
+    """Chunk c is quantized at every hop: q = Q(x_c); then q = Q(deq(q) + x_{c+j}); the last (/ n if average)."""
+    n = len(inputs)
+    flats = [x.reshape(-1) for x in inputs]
+    out = torch.empty_like(flats[0])
+    for c, sl in enumerate(_chunks(out.numel(), n, block_size)):
+        if sl.start == sl.stop:
+            continue
+        q, s = quantize_int8(flats[c][sl], block_size)
+        for j in range(1, n):
+            acc = flats[(c + j) % n][sl].float() + dequantize_int8(q, s, block_size)
+            if average and j == n - 1:
+                acc = acc / n  # the same ATen op as the ring's acc.div_(n)
+            q, s = quantize_int8(acc, block_size)
+        out[sl] = dequantize_int8(q, s, block_size, out.dtype)
+    return out.view(inputs[0].shape)
+
+
+def int8_ring_error_bound(inputs: list[torch.Tensor], block_size: int = 256) -> torch.Tensor:
+    """Per-element bound ((1 + 1/254)^n - 1) * S, S = sum over ranks of the block's absmax (see comm.Int8)."""
+    n = len(inputs)
+    s = sum(_blocks(x, block_size)[0].abs().amax(dim=1).double() for x in inputs)
+    numel = inputs[0].numel()
+    return (((1 + 1 / 254) ** n - 1) * s).repeat_interleave(block_size)[:numel].view(inputs[0].shape)
+
+
+def topk_all_reduce(inputs: list[torch.Tensor], k: int, residuals: list | None = None, average: bool = False):
+    """Each rank's top-k (with its residual), decoded by index_add_ in rank order; updates the residuals."""
+    out = torch.zeros_like(inputs[0]).reshape(-1)
+    for r, x in enumerate(inputs):
+        values, indices = topk_compress(x, k, residuals[r] if residuals else None)
+        out.index_add_(0, indices, values)
+    if average:
+        out = out / len(inputs)
+    return out.view(inputs[0].shape)

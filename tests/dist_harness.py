@@ -60,29 +60,37 @@ class WorkerPool:
         return bool(self._procs) and all(p.is_alive() for p in self._procs)
 
     def run(self, fn, *args, timeout: float = 120.0) -> list:
-        """fn(*args) on every rank; returns the results by rank or raises with every failing rank's traceback."""
+        """fn(*args) on every rank; returns the results by rank or raises with every failing rank's report."""
+        outcomes = self.outcomes(fn, *args, timeout=timeout)
+        errors = [f"--- rank {r}: {status} ---\n{value}" for r, (status, value) in enumerate(outcomes) if status != "ok"]
+        if errors:
+            if any(status == "timeout" for status, _ in outcomes):
+                raise TimeoutError(f"{fn.__name__} did not finish within {timeout:.0f} s (pool killed):\n" + "\n".join(errors))
+            raise RankFailed(f"{fn.__name__} failed on {len(errors)} rank(s):\n" + "\n".join(errors))
+        return [value for _, value in outcomes]
+
+    def outcomes(self, fn, *args, timeout: float = 120.0) -> list[tuple[str, object]]:
+        """fn(*args) on every rank; per rank ("ok", result), ("error", traceback), ("died", None) or
+        ("timeout", None). A dead or late rank gets the pool killed once every rank has been heard from."""
         if not self.alive:
             raise RuntimeError("worker pool is not running")
         for conn in self._conns:
             conn.send((fn, args))
         deadline = time.monotonic() + timeout
-        results, errors = [None] * self.world_size, []
-        for rank, conn in enumerate(self._conns):
+        outcomes, broken = [], False
+        for conn in self._conns:
             if not conn.poll(max(0.0, deadline - time.monotonic())):
-                self.kill()
-                raise TimeoutError(f"rank {rank} did not finish {fn.__name__} within {timeout:.0f} s (pool killed)")
+                outcomes.append(("timeout", None))
+                broken = True
+                continue
             try:
-                status, value = conn.recv()
-            except EOFError:
-                self.kill()
-                raise RankFailed(f"rank {rank} died while running {fn.__name__}") from None
-            if status == "ok":
-                results[rank] = value
-            else:
-                errors.append(f"--- rank {rank} ---\n{value}")
-        if errors:
-            raise RankFailed(f"{fn.__name__} failed on {len(errors)} rank(s):\n" + "\n".join(errors))
-        return results
+                outcomes.append(conn.recv())
+            except (EOFError, OSError):  # the rank's end of the pipe is gone
+                outcomes.append(("died", None))
+                broken = True
+        if broken:
+            self.kill()
+        return outcomes
 
     def kill(self) -> None:
         for p in self._procs:

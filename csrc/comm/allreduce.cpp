@@ -1,0 +1,198 @@
+// Ring all-reduce (reduce-scatter then all-gather, 2(n-1) steps), dense and int8-compressed.
+// Device-generic: the arithmetic goes through ATen and our own ops via the dispatcher, so the same code
+// runs Gloo with CPU tensors and NCCL with CUDA tensors.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "comm/ring.h"
+#include "common.h"
+
+namespace pyparallel {
+namespace {
+
+constexpr int64_t kDenseAlign = 16;  // elements: chunk starts stay 64-byte aligned for fp32
+
+enum Kind : int64_t { kDense = 0, kInt8 = 1 };
+
+CollectiveHeader header_of(const at::Tensor& t, Kind kind, bool average, int64_t param) {
+  return {kind, static_cast<int64_t>(t.scalar_type()), t.numel(), average, param,
+          static_cast<int64_t>(t.device().type())};
+}
+
+// Last hop of an averaging reduce-scatter: (partial + own) / n, rounded once to the tensor's dtype.
+void add_and_average(at::Tensor& dst, const at::Tensor& got, int n) {
+  if (dst.scalar_type() == at::kFloat) {
+    dst.add_(got).div_(n);
+  } else {
+    dst.copy_(dst.to(at::kFloat).add_(got.to(at::kFloat)).div_(n));
+  }
+}
+
+// Note [Dense ring]
+// Reduce-scatter: at step s rank r sends chunk r - s to r + 1 and adds the chunk r - s - 1 it receives
+// into its own, so chunk c accumulates x_c + x_{c+1} + ... in ring order and rank c - 1 ends up with
+// its total. Each hop adds in fp32 and rounds to the tensor's dtype (partial sums travel in the
+// tensor's dtype, as in NCCL). All-gather: rank r forwards the finished chunk r + 1 and every chunk it
+// receives, unchanged, so every rank ends with the same bits.
+int64_t ring_all_reduce(at::Tensor& tensor, const std::string& group, bool average, int64_t segment_bytes,
+                        bool verify) {
+  const char* op = "ring_all_reduce_";
+  Ring ring(group, tensor);
+  if (verify) ring.verify(header_of(tensor, kDense, average, 0), op);
+  check_float_tensor(tensor, op, "tensor");
+  TORCH_CHECK(segment_bytes > 0, op, ": segment_bytes must be positive, got ", segment_bytes);
+  const int n = ring.size(), r = ring.rank();
+  if (n == 1 || tensor.numel() == 0) return 0;
+
+  at::Tensor flat = tensor.is_contiguous() ? tensor.view(-1) : tensor.contiguous().view(-1);
+  const int64_t esize = flat.element_size();
+  const Partition part(flat.numel(), n, kDenseAlign, segment_bytes / esize, esize);
+  const int64_t J = part.segments(), ops = (n - 1) * J;
+  auto seg = [&](int64_t c, int64_t j) { return flat.slice(0, part.begin(mod(c, n), j), part.end(mod(c, n), j)); };
+  at::Tensor tmp = at::empty({2, part.max_segment()}, flat.options());
+  std::vector<size_t> ids(ops);
+
+  ring_schedule(
+      ops, J, /*max_ahead=*/1,
+      [&](int64_t i) {
+        const int64_t s = i / J, j = i % J;
+        ids[i] = ring.post(seg(r - s, j), tmp[i % 2].slice(0, 0, seg(r - s - 1, j).numel()), i);
+      },
+      [&](int64_t i) {
+        const int64_t s = i / J, j = i % J;
+        ring.wait_recv(ids[i]);
+        at::Tensor dst = seg(r - s - 1, j);
+        const at::Tensor got = tmp[i % 2].slice(0, 0, dst.numel());
+        if (average && s == n - 2) {
+          add_and_average(dst, got, n);
+        } else {
+          dst.add_(got);
+        }
+      });
+  ring.finish();  // the all-gather overwrites slices that were being sent
+
+  ring_schedule(
+      ops, J, /*max_ahead=*/J,
+      [&](int64_t i) {
+        const int64_t s = i / J, j = i % J;
+        ids[i] = ring.post(seg(r + 1 - s, j), seg(r - s, j), ops + i);
+      },
+      [&](int64_t i) { ring.wait_recv(ids[i]); });
+  ring.finish();
+
+  if (!tensor.is_contiguous()) tensor.copy_(flat.view(tensor.sizes()));
+  return ring.bytes_sent();
+}
+
+// Our int8 ops, reached through the dispatcher so the device's own kernels run.
+std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t block_size) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pyparallel::quantize_int8", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, bool,
+                                                                 std::optional<at::Generator>)>();
+  return op.call(x, block_size, false, std::nullopt);
+}
+
+void dequantize_add(at::Tensor& acc, const at::Tensor& q, const at::Tensor& scales, int64_t block_size) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pyparallel::dequantize_add_", "")
+                       .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+  op.call(acc, q, scales, block_size);
+}
+
+at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, int64_t block_size, at::ScalarType dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pyparallel::dequantize_int8", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, std::optional<at::ScalarType>)>();
+  return op.call(q, scales, block_size, dtype);
+}
+
+// Note [Int8 ring]
+// Same schedule as the dense ring, but partial sums travel as blockwise int8 (+ fp32 scales, about
+// 1/4 of fp32's bytes). Chunks and segments are whole quantization blocks. In reduce-scatter the
+// receiver dequantizes the partial, adds its own chunk in fp32 and re-quantizes it for the next hop;
+// the owner of a finished chunk quantizes the total (divided by n first when averaging). The
+// all-gather forwards those final int8 chunks unchanged and every rank decodes the same bytes, so all
+// ranks agree bitwise. Chunk c is quantized n times in all (x_c first, then each partial), which gives
+// the error bound stated in pyparallel.comm.all_reduce.
+int64_t ring_all_reduce_int8(at::Tensor& tensor, const std::string& group, bool average, int64_t block_size,
+                             int64_t segment_bytes, bool verify) {
+  const char* op = "ring_all_reduce_int8_";
+  Ring ring(group, tensor);
+  if (verify) ring.verify(header_of(tensor, kInt8, average, block_size), op);
+  check_float_tensor(tensor, op, "tensor");
+  check_block_size(block_size, op);
+  TORCH_CHECK(segment_bytes > 0, op, ": segment_bytes must be positive, got ", segment_bytes);
+  const int n = ring.size(), r = ring.rank();
+  const int64_t numel = tensor.numel();
+  if (n == 1 || numel == 0) return 0;
+
+  const at::Tensor src = tensor.contiguous().view(-1);  // this rank's input, read-only until the decode
+  const Partition part(numel, n, block_size, segment_bytes, /*element_size=*/1);
+  const int64_t J = part.segments(), ops = (n - 1) * J;
+  // Every chunk's current payload (own, partial, then final) lives at its place in one int8 buffer.
+  at::Tensor gq = at::empty({numel}, src.options().dtype(at::kChar));
+  at::Tensor gs = at::empty({ceil_div(numel, block_size)}, src.options().dtype(at::kFloat));
+  auto range = [&](int64_t c, int64_t j) { return std::make_pair(part.begin(mod(c, n), j), part.end(mod(c, n), j)); };
+  auto q_of = [&](int64_t c, int64_t j) { auto [b, e] = range(c, j); return gq.slice(0, b, e); };
+  auto s_of = [&](int64_t c, int64_t j) {
+    auto [b, e] = range(c, j);  // b is block-aligned unless the segment is empty (clamped to numel)
+    return b == e ? gs.slice(0, 0, 0) : gs.slice(0, b / block_size, ceil_div(e, block_size));
+  };
+  auto x_of = [&](int64_t c, int64_t j) { auto [b, e] = range(c, j); return src.slice(0, b, e); };
+  auto store = [&](int64_t c, int64_t j, const at::Tensor& values) {
+    auto [q, s] = quantize(values, block_size);
+    q_of(c, j).copy_(q);
+    s_of(c, j).copy_(s);
+  };
+  at::Tensor tq = at::empty({2, part.max_segment()}, gq.options());
+  at::Tensor ts = at::empty({2, ceil_div(part.max_segment(), block_size)}, gs.options());
+  std::vector<std::pair<size_t, size_t>> ids(ops);
+
+  ring_schedule(
+      ops, J, /*max_ahead=*/1,
+      [&](int64_t i) {
+        const int64_t s = i / J, j = i % J;
+        if (s == 0) store(r, j, x_of(r, j));
+        const at::Tensor rq = q_of(r - s - 1, j), rs = s_of(r - s - 1, j);
+        ids[i] = {ring.post(q_of(r - s, j), tq[i % 2].slice(0, 0, rq.numel()), 2 * i),
+                  ring.post(s_of(r - s, j), ts[i % 2].slice(0, 0, rs.numel()), 2 * i + 1)};
+      },
+      [&](int64_t i) {
+        const int64_t s = i / J, j = i % J;
+        ring.wait_recv(ids[i].first);
+        ring.wait_recv(ids[i].second);
+        const at::Tensor x = x_of(r - s - 1, j);
+        at::Tensor acc = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+        acc.copy_(x);
+        dequantize_add(acc, tq[i % 2].slice(0, 0, x.numel()), ts[i % 2].slice(0, 0, s_of(r - s - 1, j).numel()),
+                       block_size);
+        if (average && s == n - 2) acc.div_(n);
+        store(r - s - 1, j, acc);
+      });
+  ring.finish();
+
+  ring_schedule(
+      ops, J, /*max_ahead=*/J,
+      [&](int64_t i) {
+        const int64_t s = i / J, j = i % J;
+        ids[i] = {ring.post(q_of(r + 1 - s, j), q_of(r - s, j), 2 * (ops + i)),
+                  ring.post(s_of(r + 1 - s, j), s_of(r - s, j), 2 * (ops + i) + 1)};
+      },
+      [&](int64_t i) {
+        ring.wait_recv(ids[i].first);
+        ring.wait_recv(ids[i].second);
+      });
+  ring.finish();
+
+  tensor.copy_(dequantize(gq, gs, block_size, tensor.scalar_type()).view(tensor.sizes()));
+  return ring.bytes_sent();
+}
+
+}  // namespace
+}  // namespace pyparallel
+
+TORCH_LIBRARY_IMPL(pyparallel, CompositeExplicitAutograd, m) {
+  m.impl("ring_all_reduce_", &pyparallel::ring_all_reduce);
+  m.impl("ring_all_reduce_int8_", &pyparallel::ring_all_reduce_int8);
+}
