@@ -1,0 +1,108 @@
+"""One pipeline stage per rank, optionally replicated over a data-parallel grid."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .grad_sync import CommHook, GradSync
+from .grid import ProcessGrid
+from .handshake import StepHandshake
+from .microbatch import check_n_microbatches
+from .partition import split_stages
+from .runtime import run_stage
+from .schedule import check_schedule, stage_actions
+
+
+class DistributedPipeline:
+    """Trains a layer-split model with one stage per rank, GPipe or 1F1B, micro-batched.
+
+    Every rank builds the same model (same seed) and keeps only its own stage. Every rank calls
+    ``step(inputs, targets)``; the first stage reads ``inputs``, the last ``targets``, the others may
+    pass None. Activations travel forward and gradients backward point-to-point (Gloo on CPU, NCCL on
+    GPU). With ``world = n_stages * d`` ranks, ``d`` pipelines run side by side (:class:`ProcessGrid`
+    documents the layout) and each stage's gradients are averaged over its data group by ``comm_hook``
+    after backward. Gradients and loss equal the unsplit model's on the concatenation of the replicas'
+    batches (up to the order of floating-point sums).
+
+    A bad step (inputs or targets of the wrong type or size, a stage that rejects its input's shape, a
+    loss function that fails) raises :class:`PipelineError` on every rank before any activation moves;
+    see Note [Step handshake] in handshake.py.
+
+    Args:
+        layers: an ``nn.Sequential`` or a list of modules, the whole model.
+        loss_fn: ``loss_fn(output, target)`` returning the mean loss over a micro-batch (the default
+            reduction of torch's losses); micro-batch ``i`` of ``n_i`` of the ``N`` samples is weighted
+            ``n_i / N``, so uneven micro-batches give the whole batch's mean loss.
+        balance: layers per stage; by default the stages get about equal parameter counts.
+        n_stages: number of stages when ``balance`` is None; default: all ranks in one pipeline.
+        n_microbatches: micro-batches per step; need not divide the batch (every micro-batch needs >= 1
+            sample, else PipelineError).
+        schedule: ``"1f1b"`` (activation memory of at most ``p - s`` micro-batches on stage ``s``) or
+            ``"gpipe"`` (all ``m``); the same bubble ``(p - 1) / (m + p - 1)``.
+        device: this rank's device; default ``cuda:<current device>`` with NCCL, else CPU.
+        comm_hook: DDP-style ``hook(state, bucket) -> Future[Tensor]`` for the data groups; default
+            torch's ``allreduce_hook`` (average). Unused without replicas.
+        hook_state: the hook's state; default the data group (for hooks such as ``allreduce_hook``).
+        grid: a :class:`ProcessGrid` made beforehand (e.g. to build ``hook_state`` on its data group);
+            by default one is created (collective).
+
+    Example:
+        >>> pipe = DistributedPipeline(model, nn.functional.cross_entropy, balance=[3, 3],
+        ...                            n_microbatches=8, schedule="1f1b")
+        >>> opt = torch.optim.SGD(pipe.parameters(), lr=0.1)
+        >>> loss = pipe.step(x if pipe.grid.is_first else None, y if pipe.grid.is_last else None)
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, layers: nn.Sequential | Sequence[nn.Module],
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], balance: Sequence[int] | None = None,
+                 n_stages: int | None = None, n_microbatches: int = 1, schedule: str = "1f1b",
+                 device: str | torch.device | None = None, comm_hook: CommHook | None = None,
+                 hook_state: Any = None, grid: ProcessGrid | None = None):
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: call dist.init_process_group first")
+        # Every check that needs no communication comes first, so a bad configuration raises on every rank.
+        self.n_microbatches = check_n_microbatches(n_microbatches)
+        self.schedule = check_schedule(schedule)
+        if n_stages is None and balance is not None:
+            n_stages = len(balance)
+        if n_stages is None:
+            n_stages = grid.n_stages if grid is not None else dist.get_world_size()
+        stages = split_stages(layers, balance, n_stages)
+        if grid is not None and grid.n_stages != n_stages:
+            raise ValueError(f"grid has {grid.n_stages} stages but the model is split into {n_stages}")
+        self.grid = grid if grid is not None else ProcessGrid(n_stages)
+        self._actions = stage_actions(schedule, n_stages, self.grid.stage, self.n_microbatches)
+        if device is None:
+            device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+        self.device = torch.device(device)
+        self.module = stages[self.grid.stage].to(self.device)
+        self.loss_fn = loss_fn
+        self._handshake = StepHandshake(self.module, self.grid, self.device, self.n_microbatches, loss_fn)
+        self._grad_sync = (GradSync(self.module.parameters(), self.grid.data_group, comm_hook, hook_state)
+                           if self.grid.data_group is not None else None)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This rank's stage's parameters (give them to the optimizer)."""
+        return self.module.parameters()
+
+    def step(self, inputs: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Forward and backward of one batch through the pipeline; gradients accumulate into ``.grad``.
+
+        Args:
+            inputs: the batch (dim 0), read on the first stage.
+            targets: the batch's targets, read on the last stage.
+
+        Returns:
+            On the last stage the batch's mean loss (detached); None elsewhere.
+        """
+        plan = self._handshake.run(inputs, targets)
+        loss = run_stage(self.module, self._actions, plan, self.grid, self.device, self.loss_fn)
+        if self._grad_sync is not None:
+            self._grad_sync.reduce()
+        return loss

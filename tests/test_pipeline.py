@@ -1,0 +1,361 @@
+"""Layer-split pipelines against the unsplit model: one process over devices, one stage per rank, a grid.
+
+Tolerances: the parity tests run in float64. A pipeline computes the same sums as the unsplit model,
+grouped by micro-batch (a weight gradient is the sum of per-micro-batch partial sums, the loss a weighted
+sum of micro-batch means), so the results differ only by rounding, ~1e-16 relative; rtol=1e-10 leaves
+room for that and still catches any mistake of substance (a micro-batch weighted n_i/N wrongly is off by
+>1e-2). The int8 test hook's error has a proven bound, stated where it is checked.
+"""
+
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import pyparallel
+from pyparallel import ops
+from pyparallel.pipeline import (DistributedPipeline, Pipeline, PipelineError, ProcessGrid, SavedActivationMeter,
+                                 balance_by_params, split_stages, stage_actions)
+from pyparallel.pipeline.partition import balance_by_cost
+
+TIMEOUT = 60
+F64 = dict(rtol=1e-10, atol=1e-12)
+
+
+def _model(seed, dtype=torch.float64, width=16, n_in=6, n_out=5):
+    """Seven layers; the same seed gives the same model in every process."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(n_in, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                         nn.Linear(width, width), nn.Tanh(), nn.Linear(width, n_out)).to(dtype)
+
+
+def _data(seed, batch, dtype=torch.float64, n_in=6, n_out=5):
+    gen = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(batch, n_in, generator=gen, dtype=dtype), torch.randint(0, n_out, (batch,), generator=gen)
+
+
+def _reference_grads(seed, x, y, dtype=torch.float64):
+    """Loss and gradients (by parameter name) of the unsplit model on the whole batch."""
+    ref = _model(seed, dtype)
+    loss = F.cross_entropy(ref(x), y)
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in ref.named_parameters()}
+
+
+def _stage_grads(full, pipe):
+    """This rank's stage's gradients, by the name of the parameter in the unsplit model."""
+    mine = {id(p) for p in pipe.parameters()}
+    return {name: p.grad for name, p in full.named_parameters() if id(p) in mine}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Partition, micro-batches, schedules (no processes)
+
+def test_balance_by_cost_is_optimal():
+    def brute_force(costs, n):  # the smallest largest-stage cost over every contiguous split
+        if n == 1:
+            return sum(costs)
+        return min(max(sum(costs[:k]), brute_force(costs[k:], n - 1)) for k in range(1, len(costs) - n + 2))
+
+    for _ in range(200):
+        costs = [random.choice([0, 1, 2, 5, 9, 30]) for _ in range(random.randint(1, 8))]
+        n = random.randint(1, len(costs))
+        balance = balance_by_cost(costs, n)
+        assert len(balance) == n and all(b >= 1 for b in balance) and sum(balance) == len(costs)
+        bounds = [sum(balance[:k]) for k in range(n + 1)]
+        assert max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])) == brute_force(costs, n), (costs, balance)
+
+
+def test_split_stages():
+    model = _model(0)
+    assert balance_by_params(model, 2) == [4, 3]  # 112 + 0 + 272 + 0 parameters | 272 + 0 + 85
+    first, second = split_stages(model, n_stages=2)
+    assert list(first) + list(second) == list(model), "stages share the model's layers, in order"
+    assert [len(s) for s in split_stages(list(model), [1, 5, 1])] == [1, 5, 1]
+
+
+@pytest.mark.parametrize("balance, n_stages, match", [
+    ([3, 3], None, r"balance \[3, 3\] covers 6 layers but the model has 7"),
+    ([4, 0, 3], None, "positive layer counts"),
+    (None, 8, "cannot split 7 layers into 8 stages"),
+    ([3, 4], 3, r"balance \[3, 4\] has 2 stages but n_stages is 3"),
+    (None, None, "pass a balance list or n_stages"),
+])
+def test_split_stages_rejects_bad_balance(balance, n_stages, match):
+    with pytest.raises(ValueError, match=match):
+        split_stages(_model(0), balance, n_stages)
+
+
+def test_split_stages_rejects_non_modules():
+    with pytest.raises(TypeError, match="layer 1 is a builtin_function_or_method, expected an nn.Module"):
+        split_stages([nn.ReLU(), torch.relu], [1, 1])
+
+
+def test_microbatches_uneven_and_too_small():
+    from pyparallel.pipeline.microbatch import split_microbatches
+    assert [c.shape[0] for c in split_microbatches(torch.zeros(10, 2), 4)] == [3, 3, 2, 2]
+    with pytest.raises(ValueError, match="batch size 3, fewer than n_microbatches=4"):
+        split_microbatches(torch.zeros(3, 2), 4)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_schedule_orders(schedule):
+    for p in range(1, 5):
+        for s in range(p):
+            for m in range(1, 7):
+                actions = stage_actions(schedule, p, s, m)
+                assert sorted(actions) == sorted([(f, i) for f in (True, False) for i in range(m)])
+                assert [i for f, i in actions if not f] == list(range(m)), "backwards in micro-batch order"
+                live, peak = 0, 0
+                for forward, i in actions:
+                    assert forward or (True, i) in actions[:actions.index((False, i))], "forward before backward"
+                    live += 1 if forward else -1
+                    peak = max(peak, live)
+                assert peak == (m if schedule == "gpipe" else min(m, p - s)), (p, s, m, actions)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        stage_actions("interleaved", 2, 0, 4)
+
+
+def test_saved_activation_meter_counts_activations_not_parameters():
+    layer = nn.Linear(100, 100)
+    x = torch.randn(50, 100, requires_grad=True)
+    with SavedActivationMeter(layer.parameters()) as meter:
+        loss = torch.tanh(layer(x)).sum()
+        assert meter.current_bytes == 2 * 50 * 100 * 4, "x (by the matmul) and tanh's output; not the weight"
+        loss.backward()
+    assert meter.current_bytes == 0 and meter.peak_bytes == 2 * 50 * 100 * 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One process, several devices
+
+def _check_local_pipeline(devices, n_microbatches, batch, dtype=torch.float64, width=16, tol=F64):
+    x, y = _data(3, batch, dtype)
+    reference = _model(3, dtype, width).to(devices[-1])
+    loss_ref = F.cross_entropy(reference(x.to(devices[-1])), y.to(devices[-1]))
+    loss_ref.backward()
+    pipe = Pipeline(_model(3, dtype, width), devices, n_microbatches=n_microbatches)
+    loss = F.cross_entropy(pipe(x.to(devices[0])), y.to(devices[-1]))
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, **tol)
+    for (name, p), p_ref in zip(pipe.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad.to(devices[-1]), p_ref.grad, **tol, msg=name)
+
+
+@pytest.mark.parametrize("n_microbatches, batch", [(1, 8), (4, 8), (3, 10)])
+def test_local_pipeline_cpu_equals_unsplit(n_microbatches, batch):
+    _check_local_pipeline(["cpu", "cpu"], n_microbatches, batch)
+
+
+CUDA_DEVICE_PAIRS = [
+    pytest.param(pair, marks=pytest.mark.skipif(torch.cuda.device_count() < need, reason=f"needs {need} CUDA device(s)"))
+    for pair, need in [(("cuda:0", "cuda:0"), 1), (("cpu", "cuda:0"), 1), (("cuda:0", "cpu"), 1),
+                       (("cuda:0", "cuda:1"), 2)]
+]
+
+
+@pytest.mark.parametrize("devices", CUDA_DEVICE_PAIRS)
+def test_local_pipeline_cuda_equals_unsplit(devices):
+    _check_local_pipeline(list(devices), 3, 10)
+    # Wide and many micro-batches: a missing event or record_stream would race and show up as wrong numbers.
+    _check_local_pipeline(list(devices), 16, 4096, torch.float32, width=1024, tol=dict(rtol=1e-4, atol=1e-5))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One stage per rank (functions below run in the pool's ranks)
+
+BALANCES = {2: [3, 4], 3: [3, 2, 2]}
+
+
+def _parity_case(seed, schedule, n_stages, batches, n_microbatches, balance):
+    """Steps over ``batches`` (gradients accumulate) and checks loss and gradients against the unsplit model."""
+    full = _model(seed)
+    pipe = DistributedPipeline(full, F.cross_entropy, balance=balance, n_stages=n_stages,
+                               n_microbatches=n_microbatches, schedule=schedule)
+    expected_grads = {}
+    for batch in batches:
+        x, y = _data(seed + batch, batch)
+        loss = pipe.step(x if pipe.grid.is_first else None, y if pipe.grid.is_last else None)
+        loss_ref, grads_ref = _reference_grads(seed, x, y)
+        expected_grads = {k: g + expected_grads.get(k, 0) for k, g in grads_ref.items()}
+        if pipe.grid.is_last:
+            torch.testing.assert_close(loss, loss_ref, **F64)
+        else:
+            assert loss is None
+    got = _stage_grads(full, pipe)
+    assert got, "every stage has parameters here"
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected_grads[name], **F64, msg=f"{schedule} m={n_microbatches} {name}")
+
+
+def _parity_cases(seed, schedule, n_stages):
+    # m = 1, m < p (1F1B without steady phase), m dividing 12, m not dividing 12, m = batch; then a new batch
+    # size on the same pipeline (a new shape signature: the handshake dry-runs again) with uneven micro-batches.
+    for m in sorted({1, n_stages - 1, 3, 5, 12} - {0}):
+        _parity_case(seed, schedule, n_stages, [12], m, BALANCES[n_stages])
+    _parity_case(seed, schedule, n_stages, [12, 7, 12], 4, None)  # balanced by parameter count
+
+
+@pytest.mark.parametrize("n_stages", [2, 3])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_distributed_equals_unsplit(dist_pool, schedule, n_stages):
+    dist_pool(n_stages).run(_parity_cases, random.randrange(2**20), schedule, n_stages, timeout=TIMEOUT)
+
+
+def _expect_pipeline_error(match, step_inputs, step_targets, layers=None, **kwargs):
+    pipe = DistributedPipeline(layers or _model(0), F.cross_entropy, **kwargs)
+    with pytest.raises(PipelineError, match=match):
+        pipe.step(step_inputs, step_targets)
+    return pipe
+
+
+def _bad_steps():
+    x, y = _data(0, 8)
+    # A stage that cannot take its input's shape: stage 1 expects 15 features, stage 0 gives 16.
+    bad = [nn.Linear(6, 16).double(), nn.Linear(15, 5).double()]
+    pipe = _expect_pipeline_error(r"stage 1 \(rank 1\) failed on an activation from stage 0 of shape \[4, 16\] and "
+                                  r"dtype torch.float64: RuntimeError: mat1 and mat2 shapes cannot be multiplied",
+                                  x, y, bad, balance=[1, 1], n_microbatches=2)
+    with pytest.raises(PipelineError, match="shapes cannot be multiplied"):  # again: failures are never cached
+        pipe.step(x, y)
+    _expect_pipeline_error(r"stage 0 \(rank 0\): inputs has batch size 8, fewer than n_microbatches=9",
+                           x, y, n_microbatches=9)
+    _expect_pipeline_error(r"stage 0 \(rank 0\): inputs must be a tensor", None, y, n_microbatches=2)
+    _expect_pipeline_error(r"stage 1 \(rank 1\): targets have batch size 7 but the inputs on stage 0 have 8",
+                           x, y[:7], n_microbatches=2)
+    _expect_pipeline_error(r"stage 1 \(rank 1\): loss_fn failed on an output of shape \[4, 5\]",
+                           x, y.double(), n_microbatches=2)
+    with torch.no_grad():
+        _expect_pipeline_error("step\\(\\) needs autograd", x, y, n_microbatches=2)
+    # The pool's ranks are still in step: a good step works after all the rejected ones.
+    pipe = DistributedPipeline(_model(0), F.cross_entropy, n_microbatches=2)
+    assert (pipe.step(x, y) is not None) == pipe.grid.is_last
+
+
+def _bad_configurations():
+    for kwargs, error, match in [
+        (dict(balance=[3, 3]), ValueError, r"covers 6 layers but the model has 7"),
+        (dict(balance=[3, 2, 2]), ValueError, "the pipeline has 3 stages but the world has only 2 ranks"),
+        (dict(n_stages=2, schedule="zero-bubble"), ValueError, "schedule must be one of"),
+        (dict(n_stages=2, n_microbatches=0), ValueError, "n_microbatches must be a positive int"),
+    ]:
+        with pytest.raises(error, match=match):
+            DistributedPipeline(_model(0), F.cross_entropy, **kwargs)
+
+
+def test_distributed_bad_configuration_raises_on_every_rank(dist_pool):
+    dist_pool(2).run(_bad_configurations, timeout=TIMEOUT)
+
+
+def test_distributed_bad_step_raises_on_every_rank(dist_pool):
+    dist_pool(2).run(_bad_steps, timeout=TIMEOUT)
+
+
+def _activation_peaks(n_microbatches):
+    peaks = {}
+    for schedule in ("gpipe", "1f1b"):
+        full = _model(0, torch.float32, width=64)
+        pipe = DistributedPipeline(full, F.cross_entropy, balance=[3, 4], n_microbatches=n_microbatches,
+                                   schedule=schedule)
+        x, y = _data(0, 8 * n_microbatches, torch.float32)
+        with SavedActivationMeter([*pipe.parameters(), x, y]) as meter:  # the batch is the caller's
+            pipe.step(x, y)
+        peaks[schedule] = meter.peak_bytes
+    return peaks
+
+
+def test_1f1b_keeps_fewer_activations_than_gpipe(dist_pool):
+    m = 6
+    for stage, peaks in enumerate(dist_pool(2).run(_activation_peaks, m, timeout=TIMEOUT)):
+        # GPipe holds all m micro-batches; 1F1B at most p - stage of them.
+        assert peaks["1f1b"] * m == peaks["gpipe"] * (2 - stage), (stage, peaks)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data x pipeline: 2 stages x 2 replicas on 4 ranks
+
+def int8_allgather_hook(group, bucket):
+    """Test hook with the DDP signature: int8-quantize, all-gather, dequantize and average in rank order.
+
+    Every rank decodes the same bytes in the same order, so replicas stay bitwise identical.
+    """
+    q, scales = ops.quantize_int8(bucket.buffer())
+    n = dist.get_world_size(group)
+    qs, ss = [torch.empty_like(q) for _ in range(n)], [torch.empty_like(scales) for _ in range(n)]
+    works = [dist.all_gather(qs, q, group=group, async_op=True), dist.all_gather(ss, scales, group=group, async_op=True)]
+
+    def average(_):
+        acc = torch.zeros_like(bucket.buffer(), dtype=torch.float32)
+        for q_rank, s_rank in zip(qs, ss):
+            ops.dequantize_add_(acc, q_rank, s_rank)
+        return acc.div_(n)
+
+    return torch.futures.collect_all([w.get_future() for w in works]).then(average)
+
+
+def _grid_case(seed, dtype, hook):
+    """One step on a 2x2 grid; returns (this stage's grads, the unsplit model's grads, the grads' error bound)."""
+    full = _model(seed, dtype)
+    grid = ProcessGrid(2)
+    pipe = DistributedPipeline(full, F.cross_entropy, n_microbatches=3, grid=grid, comm_hook=hook)
+    x, y = _data(seed, 16, dtype)  # the whole data-parallel batch; replica r takes half r
+    half = slice(8 * grid.replica, 8 * grid.replica + 8)
+    pipe.step(x[half], y[half])
+    _, grads_ref = _reference_grads(seed, x, y, dtype)
+    # int8: each replica's gradient is rounded to within half a quantization step, absmax/127/2 of its block,
+    # so the average is within the largest such half step of any replica.
+    local_max = max(max(g.abs().max() for g in _reference_grads(seed, x[h], y[h], dtype)[1].values())
+                    for h in (slice(0, 8), slice(8, 16)))
+    return _stage_grads(full, pipe), grads_ref, float(local_max) / 254
+
+
+def _grid_default_hook(seed):
+    got, expected, _ = _grid_case(seed, torch.float64, None)
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], **F64, msg=name)
+    # A step rejected by one replica (wrong targets on rank 3) is rejected by all four ranks.
+    pipe = DistributedPipeline(_model(seed), F.cross_entropy, n_stages=2, n_microbatches=2)
+    x, y = _data(seed, 8)
+    bad_replica = pipe.grid.replica == 1
+    match = "targets have batch size 7" if bad_replica else "another data-parallel replica rejected"
+    with pytest.raises(PipelineError, match=match):
+        pipe.step(x, y[:7] if bad_replica else y)
+
+
+def _grid_int8_trains(seed):
+    got, expected, bound = _grid_case(seed, torch.float32, int8_allgather_hook)
+    for name, grad in got.items():
+        err = (grad - expected[name]).abs().max().item()
+        assert err <= bound * 1.01 + 1e-7, f"{name}: int8 error {err:.3g} above its bound {bound:.3g}"
+    full = _model(seed, torch.float32)
+    pipe = DistributedPipeline(full, F.cross_entropy, n_stages=2, n_microbatches=4, comm_hook=int8_allgather_hook)
+    opt = torch.optim.Adam(pipe.parameters(), lr=0.03)
+    x, y = _data(seed, 64, torch.float32)
+    mine = slice(32 * pipe.grid.replica, 32 * pipe.grid.replica + 32)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        losses.append(pipe.step(x[mine], y[mine]))
+        opt.step()
+    return [p.detach() for p in pipe.parameters()], losses
+
+
+def test_grid_default_hook_equals_unsplit(dist_pool):
+    dist_pool(4).run(_grid_default_hook, random.randrange(2**20), timeout=TIMEOUT)
+
+
+def test_grid_int8_hook_trains(dist_pool):
+    results = dist_pool(4).run(_grid_int8_trains, random.randrange(2**20), timeout=TIMEOUT)
+    for a, b in [(0, 1), (2, 3)]:  # ranks of one stage: the replicas must stay identical
+        for p, q in zip(results[a][0], results[b][0]):
+            assert torch.equal(p, q)
+    for rank in (2, 3):  # last stage: the loss of each replica's half batch goes down
+        losses = [float(l) for l in results[rank][1]]
+        assert losses[-1] < 0.7 * losses[0], losses  # unsplit, without int8, reaches 0.35-0.5 of the start
+
+
+def test_public_api():
+    assert pyparallel.pipeline.DistributedPipeline is DistributedPipeline
