@@ -119,6 +119,63 @@ def test_schedule_orders(schedule):
         stage_actions("interleaved", 2, 0, 4)
 
 
+def _p2p_groups(schedule, p, m, prefetch):
+    """Per rank, the point-to-point operations in posting order, as groups that NCCL runs together.
+
+    An operation is (kind, peer, channel): the n-th ("send", b, c) of rank a matches the n-th
+    ("recv", a, c) of rank b. Follows Note [When to post receives].
+    """
+    groups = []
+    for s in range(p):
+        actions = stage_actions(schedule, p, s, m)
+        recvs = [[] if (f and s == 0) or (not f and s == p - 1) else
+                 [("recv", s - 1 if f else s + 1, "act" if f else "grad")] for f, _ in actions]
+        sends = [[] if (f and s == p - 1) or (not f and s == 0) else
+                 [("send", s + 1 if f else s - 1, "act" if f else "grad")] for f, _ in actions]
+        if prefetch:  # each operation alone; the receive of action k + 1 goes before the sends of action k
+            order = recvs[0] + [op for k in range(len(actions)) for op in sum(recvs[k + 1:k + 2], []) + sends[k]]
+            groups.append([[op] for op in order])
+        else:  # the receive of action k batched with the sends of action k - 1
+            order = [sends[k - 1] + recvs[k] if k else recvs[0] for k in range(len(actions))] + [sends[-1]]
+            groups.append([g for g in order if g])
+    return groups
+
+
+def _completes_in_order(groups):
+    """Simulates NCCL's semantics: each rank runs its groups one after the other, and a send and its
+    matching receive complete together once both are in running groups. Returns False on a deadlock."""
+    count, ranks = {}, []
+    for rank, rank_groups in enumerate(groups):  # name every operation by its place in its channel
+        named = []
+        for group in rank_groups:
+            named.append([])
+            for kind, peer, channel in group:
+                link = (rank, peer, channel) if kind == "send" else (peer, rank, channel)
+                count[kind, link] = count.get((kind, link), -1) + 1
+                named[-1].append((kind, link, count[kind, link]))
+        ranks.append(named)
+    position, done = [0] * len(ranks), set()
+    while any(position[r] < len(g) for r, g in enumerate(ranks)):
+        running = {op for r, g in enumerate(ranks) if position[r] < len(g) for op in g[position[r]]} - done
+        matched = {op for op in running if ("recv" if op[0] == "send" else "send", *op[1:]) in running}
+        finished = [r for r, g in enumerate(ranks) if position[r] < len(g) and set(g[position[r]]) <= done | matched]
+        if not matched and not finished:
+            return False
+        done |= matched
+        for r in finished:
+            position[r] += 1
+    return True
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_batched_receives_cannot_deadlock_nccl(schedule):
+    for p in range(2, 5):
+        for m in range(1, 7):
+            assert _completes_in_order(_p2p_groups(schedule, p, m, prefetch=False)), (p, m)
+    # Why NCCL does not prefetch: a GPipe stage would post its first gradient receive before its last send.
+    assert not _completes_in_order(_p2p_groups("gpipe", 2, 4, prefetch=True))
+
+
 def test_saved_activation_meter_counts_activations_not_parameters():
     layer = nn.Linear(100, 100)
     x = torch.randn(50, 100, requires_grad=True)
@@ -170,11 +227,15 @@ def test_local_pipeline_cuda_equals_unsplit(devices):
 BALANCES = {2: [3, 4], 3: [3, 2, 2]}
 
 
-def _parity_case(seed, schedule, n_stages, batches, n_microbatches, balance):
-    """Steps over ``batches`` (gradients accumulate) and checks loss and gradients against the unsplit model."""
+def _parity_case(seed, schedule, n_stages, batches, n_microbatches, balance, prefetch=True):
+    """Steps over ``batches`` (gradients accumulate) and checks loss and gradients against the unsplit model.
+
+    ``prefetch=False`` runs, on Gloo, the batched receives that NCCL needs (Note [When to post receives]).
+    """
     full = _model(seed)
     pipe = DistributedPipeline(full, F.cross_entropy, balance=balance, n_stages=n_stages,
                                n_microbatches=n_microbatches, schedule=schedule)
+    pipe._prefetch_receives = prefetch
     expected_grads = {}
     for batch in batches:
         x, y = _data(seed + batch, batch)
@@ -197,6 +258,7 @@ def _parity_cases(seed, schedule, n_stages):
     for m in sorted({1, n_stages - 1, 3, 5, 12} - {0}):
         _parity_case(seed, schedule, n_stages, [12], m, BALANCES[n_stages])
     _parity_case(seed, schedule, n_stages, [12, 7, 12], 4, None)  # balanced by parameter count
+    _parity_case(seed, schedule, n_stages, [12, 7], 5, None, prefetch=False)
 
 
 @pytest.mark.parametrize("n_stages", [2, 3])

@@ -83,6 +83,7 @@ class DistributedPipeline:
         self.device = torch.device(device)
         self.module = stages[self.grid.stage].to(self.device)
         self.loss_fn = loss_fn
+        self._prefetch_receives = dist.get_backend() != "nccl"  # Note [When to post receives], p2p.py
         self._handshake = StepHandshake(self.module, self.grid, self.device, self.n_microbatches, loss_fn)
         self._grad_sync = (GradSync(self.module.parameters(), self.grid.data_group, comm_hook, hook_state)
                            if self.grid.data_group is not None else None)
@@ -102,7 +103,8 @@ class DistributedPipeline:
             On the last stage the batch's mean loss (detached); None elsewhere.
         """
         plan = self._handshake.run(inputs, targets)
-        loss = run_stage(self.module, self._actions, plan, self.grid, self.device, self.loss_fn)
+        loss = run_stage(self.module, self._actions, plan, self.grid, self.device, self.loss_fn,
+                         self._prefetch_receives)
         if self._grad_sync is not None:
             self._grad_sync.reduce()
         return loss

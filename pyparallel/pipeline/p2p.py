@@ -2,6 +2,16 @@
 
 Between two ranks, messages in one direction are matched in the order they were posted (Gloo and NCCL
 alike), and the pipeline posts them in the same order on both sides; so no tags are needed.
+
+Note [When to post receives]
+Gloo sends are rendezvous: the bytes move only once the receiver has posted its receive, and then the
+sender's I/O thread must get a core, which on a busy machine costs about a millisecond. So with Gloo a
+stage posts the receive of its next action before it computes the current one, and the transfer happens
+while it computes. NCCL cannot do that: it runs the operations between two ranks one after the other in
+posting order, so a receive posted ahead of a send that the peer is waiting for deadlocks (GPipe's
+last forward send and first backward receive, for one). There the receive of an action is posted in one
+batch with the sends of the previous action, whose operations progress together; this is also how
+torch.distributed.pipelining fuses them.
 """
 
 from __future__ import annotations
@@ -12,54 +22,85 @@ import torch
 import torch.distributed as dist
 
 
-class InFlight(NamedTuple):
-    """A posted send: its handle, and the tensor it reads (kept alive until the send completes)."""
+class Receive(NamedTuple):
+    """What an action receives before it runs: a tensor of ``shape`` and ``dtype`` from ``peer``."""
 
-    work: dist.Work
-    tensor: torch.Tensor
-
-
-def send_op(tensor: torch.Tensor, peer: int) -> dist.P2POp:
-    return dist.P2POp(dist.isend, tensor.contiguous(), peer)
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    peer: int
 
 
-def recv_op(tensor: torch.Tensor, peer: int) -> dist.P2POp:
-    return dist.P2POp(dist.irecv, tensor, peer)
+class StageTransfers:
+    """The receives and sends of one stage for one step, posted as Note [When to post receives] says.
 
+    Args:
+        receives: per action, in execution order, what it receives (None if nothing).
+        device: where receive buffers live.
+        prefetch: post each receive one action early (Gloo); False batches it with the previous action's
+            sends (NCCL).
 
-def post(sends: list[dist.P2POp], recvs: list[dist.P2POp]) -> list[InFlight]:
-    """Posts ``sends`` and ``recvs`` as one batch and waits for the receives.
-
-    One batch because NCCL runs a pair's operations one after the other in posting order: a receive
-    posted alone ahead of a send that the peer is waiting for would deadlock, while the operations of one
-    batch progress together (this is also how torch.distributed.pipelining fuses them).
-
-    Returns:
-        The sends still in flight. Gloo gives one handle per operation and its sends keep running in the
-        background; NCCL gives one handle for the whole batch, which is then waited here (a wait only
-        orders the current CUDA stream after the transfer; the host goes on).
+    Example:
+        >>> transfers = StageTransfers([Receive((4, 8), torch.float32, 0), None], "cpu", prefetch=True)
+        >>> x = transfers.receive(0); transfers.send(x * 2, peer=2); transfers.receive(1); transfers.finish()
     """
-    ops = sends + recvs
-    if not ops:
-        return []
-    works = dist.batch_isend_irecv(ops)
-    if len(works) != len(ops):  # coalesced into one handle
+
+    def __init__(self, receives: list[Receive | None], device: torch.device, prefetch: bool):
+        self._receives, self._device, self._prefetch = receives, device, prefetch
+        self._posted: dict[int, tuple[torch.Tensor, list[dist.Work]]] = {}
+        self._unposted_sends: list[dist.P2POp] = []
+        self._sends: list[tuple[dist.Work, list[torch.Tensor]]] = []  # in flight, with the tensors they read
+
+    def receive(self, action: int) -> torch.Tensor | None:
+        """The tensor that action number ``action`` receives (None if it receives nothing), once it has arrived."""
+        if self._prefetch:
+            for k in (action, action + 1):
+                if k < len(self._receives) and k not in self._posted and self._receives[k] is not None:
+                    buffer = self._buffer(k)
+                    self._posted[k] = buffer, [dist.irecv(buffer, self._receives[k].peer)]
+        else:
+            recv = [] if self._receives[action] is None else [dist.P2POp(dist.irecv, self._buffer(action),
+                                                                          self._receives[action].peer)]
+            works = self._post_batch(recv)
+            if recv:
+                self._posted[action] = recv[0].tensor, works
+        if action not in self._posted:
+            return None
+        buffer, works = self._posted.pop(action)
         for work in works:
             work.wait()
-        return []
-    for work in works[len(sends):]:
-        work.wait()
-    return [InFlight(work, op.tensor) for work, op in zip(works, sends)]
+        self._sends = [(work, t) for work, t in self._sends if not work.is_completed()]
+        return buffer
 
+    def send(self, tensor: torch.Tensor, peer: int) -> None:
+        tensor = tensor.contiguous()
+        if self._prefetch:
+            self._sends.append((dist.isend(tensor, peer), [tensor]))
+        else:
+            self._unposted_sends.append(dist.P2POp(dist.isend, tensor, peer))
 
-def still_running(in_flight: list[InFlight]) -> list[InFlight]:
-    """Drops the sends that have completed, so their tensors can be freed."""
-    return [s for s in in_flight if not s.work.is_completed()]
+    def finish(self) -> None:
+        """Posts what is left and waits until every send has completed."""
+        self._post_batch([])
+        for work, _ in self._sends:
+            work.wait()
+        self._sends = []
 
+    def _buffer(self, action: int) -> torch.Tensor:
+        spec = self._receives[action]
+        return torch.empty(spec.shape, dtype=spec.dtype, device=self._device)
 
-def wait_all(in_flight: list[InFlight]) -> None:
-    for sent in in_flight:
-        sent.work.wait()
+    def _post_batch(self, recvs: list[dist.P2POp]) -> list[dist.Work]:
+        """Posts the pending sends with ``recvs`` in one batch; returns what to wait for before using the receive."""
+        sends, self._unposted_sends = self._unposted_sends, []
+        if not sends and not recvs:
+            return []
+        works = dist.batch_isend_irecv(sends + recvs)
+        if len(works) != len(sends) + len(recvs):  # coalesced into one handle (NCCL): wait for all of it;
+            # a wait only orders the current CUDA stream after the transfer, the host goes on
+            self._sends += [(work, [op.tensor for op in sends]) for work in works]
+            return works
+        self._sends += [(work, [op.tensor]) for work, op in zip(works, sends)]
+        return works[len(sends):]
 
 
 def send_object(obj: Any, peer: int, device: torch.device) -> None:

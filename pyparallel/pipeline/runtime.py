@@ -1,8 +1,7 @@
 """Executes one stage's schedule for one step, exchanging activations and gradients with its neighbours.
 
-Before each action, the sends produced by the previous action are posted in one batch with the
-receives this action needs (see p2p.post for why one batch), and only the receives are waited for; the
-sends complete in the background while this stage computes. A stage's input for micro-batch i is a leaf
+Receives are posted ahead of time where the backend allows it (Note [When to post receives], p2p.py) and
+sends complete in the background while the stage computes. A stage's input for micro-batch i is a leaf
 tensor that requires grad, so backward leaves the gradient to send upstream in its ``.grad``.
 """
 
@@ -13,14 +12,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import p2p
 from .grid import ProcessGrid
 from .handshake import PipelineError, Spec, StepPlan
+from .p2p import Receive, StageTransfers
 from .schedule import Action
 
 
 def run_stage(module: nn.Module, actions: list[Action], plan: StepPlan, grid: ProcessGrid, device: torch.device,
-              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], prefetch: bool) -> torch.Tensor | None:
     """Runs ``actions`` (forwards and backwards of micro-batches) on this stage.
 
     Args:
@@ -30,28 +29,19 @@ def run_stage(module: nn.Module, actions: list[Action], plan: StepPlan, grid: Pr
         grid: this rank's place in the pipeline.
         device: the stage's device.
         loss_fn: ``loss_fn(output, target)``, the mean loss of a micro-batch (last stage only).
+        prefetch: post receives one action early (Note [When to post receives]); only where the backend
+            runs point-to-point operations independently of each other (Gloo, not NCCL).
 
     Returns:
         On the last stage the batch's loss, ``sum_i n_i / N * loss_i`` (detached); otherwise None.
         Parameter gradients are accumulated into ``.grad`` as by ``loss.backward()`` on that loss.
     """
+    transfers = StageTransfers([_receive_of(action, plan, grid) for action in actions], device, prefetch)
     stage_inputs: dict[int, torch.Tensor] = {}
     pending: dict[int, torch.Tensor] = {}  # forward done, backward not yet: output (or weighted loss on the last stage)
-    to_send: list = []
-    in_flight: list[p2p.InFlight] = []
     total_loss = None
-    for forward, i in actions:
-        received = None
-        if forward and not grid.is_first:
-            received = plan.in_specs[i].empty(device)
-            recvs = [p2p.recv_op(received, grid.prev_rank)]
-        elif not forward and not grid.is_last:
-            received = plan.out_specs[i].empty(device)
-            recvs = [p2p.recv_op(received, grid.next_rank)]
-        else:
-            recvs = []
-        in_flight = p2p.still_running(in_flight) + p2p.post(to_send, recvs)
-        to_send = []
+    for k, (forward, i) in enumerate(actions):
+        received = transfers.receive(k)
         if forward:
             x = plan.input_chunks[i] if grid.is_first else received.requires_grad_()
             if not grid.is_first:
@@ -64,14 +54,24 @@ def run_stage(module: nn.Module, actions: list[Action], plan: StepPlan, grid: Pr
                 pending[i] = loss
             else:
                 pending[i] = y
-                to_send.append(p2p.send_op(y.detach(), grid.next_rank))
+                transfers.send(y.detach(), grid.next_rank)
         else:
             torch.autograd.backward(pending.pop(i), grad_tensors=received)
             if not grid.is_first:
                 x = stage_inputs.pop(i)
-                to_send.append(p2p.send_op(x.grad if x.grad is not None else torch.zeros_like(x), grid.prev_rank))
-    p2p.wait_all(in_flight + p2p.post(to_send, []))
+                transfers.send(x.grad if x.grad is not None else torch.zeros_like(x), grid.prev_rank)
+    transfers.finish()
     return total_loss
+
+
+def _receive_of(action: Action, plan: StepPlan, grid: ProcessGrid) -> Receive | None:
+    """A forward receives its input from the previous stage, a backward its output's gradient from the next."""
+    forward, i = action
+    if forward and not grid.is_first:
+        return Receive(*plan.in_specs[i], grid.prev_rank)
+    if not forward and not grid.is_last:
+        return Receive(*plan.out_specs[i], grid.next_rank)
+    return None
 
 
 def _check_output(y: torch.Tensor, expected: Spec, stage: int, microbatch: int) -> None:
