@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -59,6 +60,30 @@ inline void check_int8_payload(const at::Tensor& q, const at::Tensor& scales, in
   const int64_t want = ceil_div(q.numel(), block_size);
   TORCH_CHECK(scales.numel() == want, op, ": scales has ", scales.numel(), " elements but q has ", q.numel(),
               " elements, which with block_size ", block_size, " needs ", want);
+}
+
+// `out` receives a dequantized payload q in place (dequantize_int8_into_, dequantize_add_).
+inline void check_dequantize_out(const at::Tensor& out, const at::Tensor& q, const char* op, const char* name) {
+  check_float_tensor(out, op, name);
+  TORCH_CHECK(out.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(out.numel() == q.numel(), op, ": ", name, " has ", out.numel(), " elements but q has ", q.numel());
+  check_same_device(out, q, op, name, "q");
+}
+
+inline void check_quantize_into_args(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& x,
+                                     int64_t block_size, const std::optional<at::Tensor>& add_q,
+                                     const std::optional<at::Tensor>& add_scales, double divisor, const char* op) {
+  check_float_tensor(x, op, "x");
+  check_int8_payload(q, scales, block_size, op);
+  TORCH_CHECK(q.numel() == x.numel(), op, ": q has ", q.numel(), " elements but x has ", x.numel());
+  check_same_device(q, x, op, "q", "x");
+  TORCH_CHECK(add_q.has_value() == add_scales.has_value(), op, ": pass both add_q and add_scales, or neither");
+  if (add_q.has_value()) {
+    check_int8_payload(*add_q, *add_scales, block_size, op);
+    TORCH_CHECK(add_q->numel() == x.numel(), op, ": add_q has ", add_q->numel(), " elements but x has ", x.numel());
+    check_same_device(*add_q, x, op, "add_q", "x");
+  }
+  TORCH_CHECK(std::isfinite(divisor) && divisor != 0.0, op, ": divisor must be finite and non-zero, got ", divisor);
 }
 
 inline at::ScalarType index_dtype_or_default(std::optional<at::ScalarType> index_dtype, const char* op) {

@@ -19,6 +19,11 @@ TORCH_LIBRARY(pyparallel, m) {
         " -> (Tensor q, Tensor scales)");
   m.def("dequantize_int8(Tensor q, Tensor scales, int block_size, ScalarType? dtype=None) -> Tensor");
   m.def("dequantize_add_(Tensor(a!) acc, Tensor q, Tensor scales, int block_size) -> ()");
+  // Preallocated-output forms for the int8 ring: q, scales = quantize((x + dequantize(add_q, add_scales))
+  // / divisor), and out = dequantize(q, scales) written into out.
+  m.def("quantize_int8_into_(Tensor(a!) q, Tensor(b!) scales, Tensor x, int block_size, Tensor? add_q=None,"
+        " Tensor? add_scales=None, float divisor=1.0) -> ()");
+  m.def("dequantize_int8_into_(Tensor(a!) out, Tensor q, Tensor scales, int block_size) -> ()");
 
   // Exact top-k by magnitude with optional error feedback (residual is updated in place).
   m.def("topk_compress(Tensor x, int k, Tensor(a!)? residual=None, ScalarType? index_dtype=None)"

@@ -59,6 +59,28 @@ def dequantize_add_(
     return acc
 
 
+def quantize_int8_into_(
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    x: torch.Tensor,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    add_q: torch.Tensor | None = None,
+    add_scales: torch.Tensor | None = None,
+    divisor: float = 1.0,
+) -> None:
+    """Quantizes ``(x + dequantize_int8(add_q, add_scales)) / divisor`` into the preallocated ``q`` and
+    ``scales`` in one pass (each step rounded in fp32): the fused hop of the int8 ring."""
+    _ops.quantize_int8_into_(q, scales, x, block_size, add_q, add_scales, divisor)
+
+
+def dequantize_int8_into_(
+    out: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE
+) -> torch.Tensor:
+    """``out[:] = dequantize_int8(q, scales)`` in ``out``'s dtype, without allocating; returns ``out``."""
+    _ops.dequantize_int8_into_(out, q, scales, block_size)
+    return out
+
+
 def topk_compress(
     x: torch.Tensor,
     k: int,
@@ -147,6 +169,16 @@ def _dequantize_int8_fake(q, scales, block_size, dtype=None):
 
 @torch.library.register_fake("pyparallel::dequantize_add_")
 def _dequantize_add_fake(acc, q, scales, block_size):
+    return None
+
+
+@torch.library.register_fake("pyparallel::quantize_int8_into_")
+def _quantize_int8_into_fake(q, scales, x, block_size, add_q=None, add_scales=None, divisor=1.0):
+    return None
+
+
+@torch.library.register_fake("pyparallel::dequantize_int8_into_")
+def _dequantize_int8_into_fake(out, q, scales, block_size):
     return None
 
 

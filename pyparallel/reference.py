@@ -49,6 +49,21 @@ def dequantize_add_(acc, q, scales, block_size):
     return acc
 
 
+def quantize_int8_into_(q, scales, x, block_size, add_q=None, add_scales=None, divisor=1.0):
+    y = x.reshape(-1).float()
+    if add_q is not None:
+        y = y + dequantize_int8(add_q.reshape(-1), add_scales, block_size)
+    if divisor != 1.0:
+        y = y / torch.full_like(y, divisor)
+    q_new, s_new = quantize_int8(y, block_size)
+    q.view(-1).copy_(q_new)
+    scales.copy_(s_new)
+
+
+def dequantize_int8_into_(out, q, scales, block_size):
+    out.view(-1).copy_(dequantize_int8(q.reshape(-1), scales, block_size, out.dtype))
+
+
 def topk_compress(x, k, residual=None, index_dtype=torch.int64):
     y = x.reshape(-1) if residual is None else residual.view(-1).add_(x.reshape(-1))
     # Magnitudes as fp32 bit patterns: integer order is magnitude order with NaN above Inf, as in the kernels.
@@ -142,7 +157,7 @@ def ring_all_reduce_int8(inputs: list[torch.Tensor], average: bool = False, bloc
         for j in range(1, n):
             acc = flats[(c + j) % n][sl].float() + dequantize_int8(q, s, block_size)
             if average and j == n - 1:
-                acc = acc / n  # the same ATen op as the ring's acc.div_(n)
+                acc = acc / torch.full_like(acc, n)  # one correctly rounded division, as in quantize_int8_into_
             q, s = quantize_int8(acc, block_size)
         out[sl] = dequantize_int8(q, s, block_size, out.dtype)
     return out.view(inputs[0].shape)

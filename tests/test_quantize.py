@@ -197,3 +197,57 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.pyparallel.quantize_int8.default, (x.half(), 7, False, None))
     torch.library.opcheck(torch.ops.pyparallel.dequantize_int8.default, (q, s, 64, torch.bfloat16))
     torch.library.opcheck(torch.ops.pyparallel.dequantize_add_.default, (torch.zeros(3, 100, device=device), q, s, 64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_into_fused_hop_matches_reference(device, dtype):
+    for n in [1, 255, 4099, 65_537]:
+        for block_size in (256, 33):
+            x = _random((n,), dtype, device)
+            add_q, add_s = ops.quantize_int8(_random((n,), torch.float32, device), block_size)
+            for add in (False, True):
+                for divisor in (1.0, 3.0, 4.0):
+                    q = torch.empty(n, dtype=torch.int8, device=device)
+                    s = torch.empty(-(-n // block_size), device=device)
+                    q_ref, s_ref = torch.empty_like(q), torch.empty_like(s)
+                    args = (add_q, add_s) if add else (None, None)
+                    ops.quantize_int8_into_(q, s, x, block_size, *args, divisor)
+                    ref.quantize_int8_into_(q_ref, s_ref, x, block_size, *args, divisor)
+                    _assert_same(q, q_ref)
+                    _assert_same(s, s_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_into_matches_reference(device, dtype):
+    x = _random((10_007,), torch.float32, device)
+    q, s = ops.quantize_int8(x, 100)
+    out = torch.empty(10_007, dtype=dtype, device=device)
+    assert ops.dequantize_int8_into_(out, q, s, 100) is out
+    _assert_same(out, ref.dequantize_int8(q, s, 100, dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_into_ops_bad_input(device):
+    x = torch.randn(100, device=device)
+    q, s = ops.quantize_int8(x, 10)
+    with pytest.raises(RuntimeError, match="pass both add_q and add_scales, or neither"):
+        ops.quantize_int8_into_(q, s, x, 10, q, None)
+    with pytest.raises(RuntimeError, match="divisor must be finite and non-zero"):
+        ops.quantize_int8_into_(q, s, x, 10, divisor=0.0)
+    with pytest.raises(RuntimeError, match="q has 100 elements but x has 99"):
+        ops.quantize_int8_into_(q, s, x[:99], 10)
+    with pytest.raises(RuntimeError, match="out has 99 elements but q has 100"):
+        ops.dequantize_int8_into_(torch.empty(99, device=device), q, s, 10)
+    with pytest.raises(RuntimeError, match="out must be float32"):
+        ops.dequantize_int8_into_(torch.empty(100, dtype=torch.int32, device=device), q, s, 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_into_ops_opcheck(device):
+    x = torch.randn(300, device=device)
+    q, s = ops.quantize_int8(x, 64)
+    torch.library.opcheck(torch.ops.pyparallel.quantize_int8_into_.default,
+                          (torch.empty_like(q), torch.empty_like(s), x, 64, q, s, 2.0))
+    torch.library.opcheck(torch.ops.pyparallel.dequantize_int8_into_.default, (torch.empty_like(x), q, s, 64))

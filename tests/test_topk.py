@@ -154,3 +154,17 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.pyparallel.topk_compress.default, (x, 10, torch.zeros_like(x), torch.int32))
     idx = torch.randperm(1000, device=device)[:10]
     torch.library.opcheck(torch.ops.pyparallel.scatter_add_.default, (torch.zeros_like(x), idx, torch.ones(10, device=device)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_exact_when_a_strided_sample_misses_the_large_values(device):
+    # The CPU selects from a strided sample first (stride n / 2^14); put every large value between sample
+    # points so the sampled bracket is wrong and the exact fallback must take over.
+    n = 1 << 20
+    x = torch.randn(n, device=device) * 1e-3
+    x[::64] = torch.randn(n // 64, device=device) * 10
+    for k in (n // 64, n // 128, n // 32):
+        r = torch.zeros(n, device=device)
+        values, indices = ops.topk_compress(x, k, residual=r)
+        v_spec, i_spec = _spec(x, k)
+        assert torch.equal(indices, i_spec) and torch.equal(values, v_spec)

@@ -85,36 +85,31 @@ int64_t ring_all_reduce(at::Tensor& tensor, const std::string& group, bool avera
 }
 
 // Our int8 ops, reached through the dispatcher so the device's own kernels run.
-std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t block_size) {
+void quantize_into(at::Tensor& q, at::Tensor& scales, const at::Tensor& x, int64_t block_size,
+                   const std::optional<at::Tensor>& add_q, const std::optional<at::Tensor>& add_scales,
+                   double divisor) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("pyparallel::quantize_int8", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, bool,
-                                                                 std::optional<at::Generator>)>();
-  return op.call(x, block_size, false, std::nullopt);
+                       .findSchemaOrThrow("pyparallel::quantize_int8_into_", "")
+                       .typed<void(at::Tensor&, at::Tensor&, const at::Tensor&, int64_t,
+                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double)>();
+  op.call(q, scales, x, block_size, add_q, add_scales, divisor);
 }
 
-void dequantize_add(at::Tensor& acc, const at::Tensor& q, const at::Tensor& scales, int64_t block_size) {
+void dequantize_into(at::Tensor& out, const at::Tensor& q, const at::Tensor& scales, int64_t block_size) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("pyparallel::dequantize_add_", "")
+                       .findSchemaOrThrow("pyparallel::dequantize_int8_into_", "")
                        .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
-  op.call(acc, q, scales, block_size);
-}
-
-at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scales, int64_t block_size, at::ScalarType dtype) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("pyparallel::dequantize_int8", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, std::optional<at::ScalarType>)>();
-  return op.call(q, scales, block_size, dtype);
+  op.call(out, q, scales, block_size);
 }
 
 // Note [Int8 ring]
 // Same schedule as the dense ring, but partial sums travel as blockwise int8 (+ fp32 scales, about
 // 1/4 of fp32's bytes). Chunks and segments are whole quantization blocks. In reduce-scatter the
-// receiver dequantizes the partial, adds its own chunk in fp32 and re-quantizes it for the next hop;
-// the owner of a finished chunk quantizes the total (divided by n first when averaging). The
-// all-gather forwards those final int8 chunks unchanged and every rank decodes the same bytes, so all
-// ranks agree bitwise. Chunk c is quantized n times in all (x_c first, then each partial), which gives
-// the error bound stated in pyparallel.comm.all_reduce.
+// receiver quantizes (its own chunk + the dequantized partial) in one fused pass for the next hop; the
+// owner of a finished chunk quantizes the total (divided by n first when averaging). The all-gather
+// forwards those final int8 chunks unchanged, and every rank decodes the same bytes (each segment as
+// soon as it arrives), so all ranks agree bitwise. Chunk c is quantized n times in all (x_c first,
+// then each partial), which gives the error bound stated in pyparallel.comm.Int8.
 int64_t ring_all_reduce_int8(at::Tensor& tensor, const std::string& group, bool average, int64_t block_size,
                              int64_t segment_bytes, bool verify) {
   const char* op = "ring_all_reduce_int8_";
@@ -127,23 +122,23 @@ int64_t ring_all_reduce_int8(at::Tensor& tensor, const std::string& group, bool 
   const int64_t numel = tensor.numel();
   if (n == 1 || numel == 0) return 0;
 
-  const at::Tensor src = tensor.contiguous().view(-1);  // this rank's input, read-only until the decode
+  // This rank's input, read until the reduce-scatter ends; the all-gather then decodes into it.
+  at::Tensor flat = tensor.is_contiguous() ? tensor.view(-1) : tensor.contiguous().view(-1);
   const Partition part(numel, n, block_size, segment_bytes, /*element_size=*/1);
   const int64_t J = part.segments(), ops = (n - 1) * J;
   // Every chunk's current payload (own, partial, then final) lives at its place in one int8 buffer.
-  at::Tensor gq = at::empty({numel}, src.options().dtype(at::kChar));
-  at::Tensor gs = at::empty({ceil_div(numel, block_size)}, src.options().dtype(at::kFloat));
+  at::Tensor gq = at::empty({numel}, flat.options().dtype(at::kChar));
+  at::Tensor gs = at::empty({ceil_div(numel, block_size)}, flat.options().dtype(at::kFloat));
   auto range = [&](int64_t c, int64_t j) { return std::make_pair(part.begin(mod(c, n), j), part.end(mod(c, n), j)); };
   auto q_of = [&](int64_t c, int64_t j) { auto [b, e] = range(c, j); return gq.slice(0, b, e); };
   auto s_of = [&](int64_t c, int64_t j) {
     auto [b, e] = range(c, j);  // b is block-aligned unless the segment is empty (clamped to numel)
     return b == e ? gs.slice(0, 0, 0) : gs.slice(0, b / block_size, ceil_div(e, block_size));
   };
-  auto x_of = [&](int64_t c, int64_t j) { auto [b, e] = range(c, j); return src.slice(0, b, e); };
-  auto store = [&](int64_t c, int64_t j, const at::Tensor& values) {
-    auto [q, s] = quantize(values, block_size);
-    q_of(c, j).copy_(q);
-    s_of(c, j).copy_(s);
+  auto x_of = [&](int64_t c, int64_t j) { auto [b, e] = range(c, j); return flat.slice(0, b, e); };
+  auto decode = [&](int64_t c, int64_t j) {
+    at::Tensor out = x_of(c, j);
+    dequantize_into(out, q_of(c, j), s_of(c, j), block_size);
   };
   at::Tensor tq = at::empty({2, part.max_segment()}, gq.options());
   at::Tensor ts = at::empty({2, ceil_div(part.max_segment(), block_size)}, gs.options());
@@ -153,24 +148,24 @@ int64_t ring_all_reduce_int8(at::Tensor& tensor, const std::string& group, bool 
       ops, J, /*max_ahead=*/1,
       [&](int64_t i) {
         const int64_t s = i / J, j = i % J;
-        if (s == 0) store(r, j, x_of(r, j));
-        const at::Tensor rq = q_of(r - s - 1, j), rs = s_of(r - s - 1, j);
-        ids[i] = {ring.post(q_of(r - s, j), tq[i % 2].slice(0, 0, rq.numel()), 2 * i),
-                  ring.post(s_of(r - s, j), ts[i % 2].slice(0, 0, rs.numel()), 2 * i + 1)};
+        if (s == 0) {
+          at::Tensor q = q_of(r, j), sc = s_of(r, j);
+          quantize_into(q, sc, x_of(r, j), block_size, std::nullopt, std::nullopt, 1.0);
+        }
+        const int64_t recv_q = q_of(r - s - 1, j).numel(), recv_s = s_of(r - s - 1, j).numel();
+        ids[i] = {ring.post(q_of(r - s, j), tq[i % 2].slice(0, 0, recv_q), 2 * i),
+                  ring.post(s_of(r - s, j), ts[i % 2].slice(0, 0, recv_s), 2 * i + 1)};
       },
       [&](int64_t i) {
         const int64_t s = i / J, j = i % J;
         ring.wait_recv(ids[i].first);
         ring.wait_recv(ids[i].second);
-        const at::Tensor x = x_of(r - s - 1, j);
-        at::Tensor acc = at::empty(x.sizes(), x.options().dtype(at::kFloat));
-        acc.copy_(x);
-        dequantize_add(acc, tq[i % 2].slice(0, 0, x.numel()), ts[i % 2].slice(0, 0, s_of(r - s - 1, j).numel()),
-                       block_size);
-        if (average && s == n - 2) acc.div_(n);
-        store(r - s - 1, j, acc);
+        at::Tensor q = q_of(r - s - 1, j), sc = s_of(r - s - 1, j);
+        quantize_into(q, sc, x_of(r - s - 1, j), block_size, tq[i % 2].slice(0, 0, q.numel()),
+                      ts[i % 2].slice(0, 0, sc.numel()), average && s == n - 2 ? n : 1.0);
       });
   ring.finish();
+  for (int64_t j = 0; j < J; ++j) decode(r + 1, j);  // this rank's finished chunk
 
   ring_schedule(
       ops, J, /*max_ahead=*/J,
@@ -182,10 +177,11 @@ int64_t ring_all_reduce_int8(at::Tensor& tensor, const std::string& group, bool 
       [&](int64_t i) {
         ring.wait_recv(ids[i].first);
         ring.wait_recv(ids[i].second);
+        decode(r - i / J, i % J);
       });
   ring.finish();
 
-  tensor.copy_(dequantize(gq, gs, block_size, tensor.scalar_type()).view(tensor.sizes()));
+  if (!tensor.is_contiguous()) tensor.copy_(flat.view(tensor.sizes()));
   return ring.bytes_sent();
 }
 

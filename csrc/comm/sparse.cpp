@@ -56,20 +56,25 @@ int64_t topk_all_reduce(at::Tensor& tensor, const std::string& group, int64_t k,
   index_part(r).copy_(indices);
   value_part(r).copy_(values);
 
+  // Decoded in place (or into a contiguous copy), zeroed while the first step is on the wire.
+  at::Tensor out = tensor.is_contiguous() ? tensor.view(-1) : at::empty({tensor.numel()}, tensor.options());
   if (n > 1 && k > 0) {
     // Ring all-gather of whole slots: at step s rank r forwards slot r - s and receives slot r - s - 1.
     std::vector<size_t> ids(n - 1);
     ring_schedule(
         n - 1, /*segments=*/1, /*max_ahead=*/1,
         [&](int64_t s) { ids[s] = ring.post(slots[mod(r - s, n)], slots[mod(r - s - 1, n)], s); },
-        [&](int64_t s) { ring.wait_recv(ids[s]); });
+        [&](int64_t s) {
+          if (s == 0) out.zero_();
+          ring.wait_recv(ids[s]);
+        });
     ring.finish();
+  } else {
+    out.zero_();
   }
-
-  at::Tensor out = at::zeros({tensor.numel()}, tensor.options());
-  for (int q = 0; q < n; ++q) scatter_add(out, index_part(q), value_part(q));
+  for (int q = 0; q < n; ++q) scatter_add(out, index_part(q), value_part(q));  // rank order on every rank
   if (average) out.div_(n);
-  tensor.copy_(out.view(tensor.sizes()));
+  if (!tensor.is_contiguous()) tensor.copy_(out.view(tensor.sizes()));
   return ring.bytes_sent();
 }
 

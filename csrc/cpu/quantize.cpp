@@ -11,6 +11,8 @@
 //     non-finite input by checking the scales alone, and dequantization yields NaN for the whole block.
 // Stochastic rounding replaces round_half_even(v) by floor(v + u), u uniform in [0, 1) from Philox keyed
 // by (seed from the generator, block index), so the result does not depend on the thread count.
+// quantize_int8_into_ quantizes y = (x + q_add * scale_add) / divisor, each step rounded in fp32: the
+// fused hop of the int8 ring (Note [Int8 ring], csrc/comm/allreduce.cpp).
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/PhiloxRNGEngine.h>
@@ -22,53 +24,92 @@
 
 #include "common.h"
 
+// The fp32 inner loops are compiled twice, for AVX2 and for the baseline ISA; the loader picks one.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYPARALLEL_VECTORIZE __attribute__((target_clones("avx2", "default")))
+#else
+#define PYPARALLEL_VECTORIZE
+#endif
+
 namespace pyparallel {
 namespace {
 
-inline int32_t abs_bits(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  return static_cast<int32_t>(u & 0x7fffffffu);
-}
+// Elements are produced as fp32 in chunks of this size, so the fp32 loops below see every input dtype.
+constexpr int64_t kChunk = 1024;
 
-inline float from_bits(int32_t b) {
-  float f;
-  std::memcpy(&f, &b, sizeof(f));
-  return f;
+PYPARALLEL_VECTORIZE int32_t absmax_bits(const float* v, int64_t n) {
+  int32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    int32_t b;
+    std::memcpy(&b, v + i, sizeof(b));
+    m = std::max(m, b & 0x7fffffff);  // bit order of |v| is numeric order, NaN above Inf
+  }
+  return m;
 }
 
 // round-half-to-even for |v| < 2^22 without a libm call: adding 1.5 * 2^23 makes the unit the last bit.
-inline float round_half_even(float v) {
+PYPARALLEL_VECTORIZE void quantize_nearest(const float* v, int64_t n, float inv, int8_t* q) {
   constexpr float kMagic = 12582912.0f;
-  return (v + kMagic) - kMagic;
+  for (int64_t i = 0; i < n; ++i) {
+    const float r = (v[i] * inv + kMagic) - kMagic;
+    q[i] = static_cast<int8_t>(static_cast<int32_t>(std::min(std::max(r, -kInt8Max), kInt8Max)));
+  }
 }
 
-inline int8_t to_int8(float r) { return static_cast<int8_t>(static_cast<int32_t>(std::clamp(r, -kInt8Max, kInt8Max))); }
+void quantize_stochastic(const float* v, int64_t n, float inv, int8_t* q, at::Philox4_32& rng) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = static_cast<float>(rng() >> 8) * 0x1p-24f;  // uniform in [0, 1), 24 bits
+    const float r = std::floor(v[i] * inv + u);
+    q[i] = static_cast<int8_t>(static_cast<int32_t>(std::min(std::max(r, -kInt8Max), kInt8Max)));
+  }
+}
 
-// Elements are converted to fp32 in chunks so the fp32 loops below vectorize for every input dtype.
-constexpr int64_t kChunk = 1024;
+PYPARALLEL_VECTORIZE void dequantize_into(const int8_t* q, int64_t n, float s, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(q[i]) * s;
+}
 
+PYPARALLEL_VECTORIZE void dequantize_accumulate(const int8_t* q, int64_t n, float s, float* acc) {
+  for (int64_t i = 0; i < n; ++i) acc[i] = acc[i] + static_cast<float>(q[i]) * s;
+}
+
+PYPARALLEL_VECTORIZE void divide(float* v, int64_t n, float d) {
+  for (int64_t i = 0; i < n; ++i) v[i] = v[i] / d;
+}
+
+// The fp32 values of one block, chunk by chunk: x converted, plus an optional int8 payload decoded with
+// its (single) block scale, divided by `divisor` unless it is 1.
 template <typename T>
-inline const float* as_float(const T* x, int64_t n, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x;
-  } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(x[i]);
+struct BlockSource {
+  const T* x;
+  const int8_t* add_q;  // nullptr: nothing to add
+  float add_scale;
+  float divisor;
+
+  // Returns a pointer to len fp32 values starting at `start` (x itself when nothing needs computing).
+  const float* get(int64_t start, int64_t len, float* buf) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (add_q == nullptr && divisor == 1.0f) return x + start;
+      std::memcpy(buf, x + start, len * sizeof(float));
+    } else {
+      for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<float>(x[start + i]);
+    }
+    if (add_q != nullptr) dequantize_accumulate(add_q + start, len, add_scale, buf);
+    if (divisor != 1.0f) divide(buf, len, divisor);
     return buf;
   }
-}
+};
 
 template <typename T>
-void quantize_block(const T* x, int64_t n, int8_t* q, float* scale, bool stochastic, uint64_t seed,
-                    int64_t block_index) {
+void quantize_block(const BlockSource<T>& src, int64_t n, int8_t* q, float* scale, at::Philox4_32* rng) {
   float buf[kChunk];
   int32_t m = 0;
+  const float* v = nullptr;
   for (int64_t c = 0; c < n; c += kChunk) {
-    const int64_t len = std::min(kChunk, n - c);
-    const float* v = as_float(x + c, len, buf);
-    for (int64_t i = 0; i < len; ++i) m = std::max(m, abs_bits(v[i]));
+    v = src.get(c, std::min(kChunk, n - c), buf);
+    m = std::max(m, absmax_bits(v, std::min(kChunk, n - c)));
   }
-  const float absmax = from_bits(m);
+  float absmax;
+  std::memcpy(&absmax, &m, sizeof(absmax));
   if (m < static_cast<int32_t>(kMinAbsmaxBits) || m >= static_cast<int32_t>(kInfBits)) {
     *scale = m < static_cast<int32_t>(kMinAbsmaxBits) ? 0.0f : absmax;
     std::memset(q, 0, n);
@@ -76,21 +117,13 @@ void quantize_block(const T* x, int64_t n, int8_t* q, float* scale, bool stochas
   }
   *scale = absmax / kInt8Max;
   const float inv = kInt8Max / absmax;
-  if (!stochastic) {
-    for (int64_t c = 0; c < n; c += kChunk) {
-      const int64_t len = std::min(kChunk, n - c);
-      const float* v = as_float(x + c, len, buf);
-      for (int64_t i = 0; i < len; ++i) q[c + i] = to_int8(round_half_even(v[i] * inv));
-    }
-  } else {
-    at::Philox4_32 rng(seed, static_cast<uint64_t>(block_index), 0);
-    for (int64_t c = 0; c < n; c += kChunk) {
-      const int64_t len = std::min(kChunk, n - c);
-      const float* v = as_float(x + c, len, buf);
-      for (int64_t i = 0; i < len; ++i) {
-        const float u = static_cast<float>(rng() >> 8) * 0x1p-24f;  // uniform in [0, 1), 24 bits
-        q[c + i] = to_int8(std::floor(v[i] * inv + u));
-      }
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t len = std::min(kChunk, n - c);
+    if (n > kChunk) v = src.get(c, len, buf);  // a one-chunk block is still in buf (or is x itself)
+    if (rng != nullptr) {
+      quantize_stochastic(v, len, inv, q + c, *rng);
+    } else {
+      quantize_nearest(v, len, inv, q + c);
     }
   }
 }
@@ -98,53 +131,74 @@ void quantize_block(const T* x, int64_t n, int8_t* q, float* scale, bool stochas
 // Grain: enough blocks per task to amortize scheduling (~64K elements).
 inline int64_t block_grain(int64_t block_size) { return std::max<int64_t>(1, 65536 / block_size); }
 
+// Quantizes blocks of (x + add) / divisor into q and scales, in parallel over blocks.
+template <typename T>
+void quantize_blocks(const T* x, int64_t numel, int64_t block_size, const int8_t* add_q, const float* add_scales,
+                     float divisor, int8_t* q, float* scales, std::optional<uint64_t> seed) {
+  const int64_t nblocks = ceil_div(numel, block_size);
+  at::parallel_for(0, nblocks, block_grain(block_size), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * block_size;
+      const BlockSource<T> src{x + start, add_q ? add_q + start : nullptr, add_q ? add_scales[b] : 0.0f, divisor};
+      std::optional<at::Philox4_32> rng;
+      if (seed) rng.emplace(*seed, static_cast<uint64_t>(b), 0);
+      quantize_block(src, std::min(block_size, numel - start), q + start, scales + b, rng ? &*rng : nullptr);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_int8_cpu(const at::Tensor& x_in, int64_t block_size, bool stochastic,
                                                      std::optional<at::Generator> generator) {
   const char* op = "quantize_int8";
   check_float_tensor(x_in, op, "x");
   check_block_size(block_size, op);
   const at::Tensor x = x_in.contiguous();
-  const int64_t numel = x.numel();
-  const int64_t nblocks = ceil_div(numel, block_size);
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  at::Tensor scales = at::empty({nblocks}, x.options().dtype(at::kFloat));
-  uint64_t seed = 0;
+  at::Tensor scales = at::empty({ceil_div(x.numel(), block_size)}, x.options().dtype(at::kFloat));
+  std::optional<uint64_t> seed;
   if (stochastic) {
     auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
     std::lock_guard<std::mutex> lock(gen->mutex_);
     seed = gen->random64();
   }
   PYPARALLEL_DISPATCH_FLOATING(x.scalar_type(), [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    int8_t* qp = q.mutable_data_ptr<int8_t>();
-    float* sp = scales.mutable_data_ptr<float>();
-    at::parallel_for(0, nblocks, block_grain(block_size), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t start = b * block_size;
-        quantize_block(xp + start, std::min(block_size, numel - start), qp + start, sp + b, stochastic, seed, b);
-      }
-    });
+    quantize_blocks<scalar_t>(x.const_data_ptr<scalar_t>(), x.numel(), block_size, nullptr, nullptr, 1.0f,
+                              q.mutable_data_ptr<int8_t>(), scales.mutable_data_ptr<float>(), seed);
   });
   return {q, scales};
 }
 
-// out[i] = q[i] * scale (fp32), then converted to out's dtype; with kAdd, acc[i] = acc[i] + q[i] * scale.
+void quantize_int8_into_cpu(at::Tensor& q, at::Tensor& scales, const at::Tensor& x_in, int64_t block_size,
+                            const std::optional<at::Tensor>& add_q, const std::optional<at::Tensor>& add_scales,
+                            double divisor) {
+  const char* op = "quantize_int8_into_";
+  check_quantize_into_args(q, scales, x_in, block_size, add_q, add_scales, divisor, op);
+  const at::Tensor x = x_in.contiguous();
+  PYPARALLEL_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    quantize_blocks<scalar_t>(x.const_data_ptr<scalar_t>(), x.numel(), block_size,
+                              add_q ? add_q->const_data_ptr<int8_t>() : nullptr,
+                              add_q ? add_scales->const_data_ptr<float>() : nullptr, static_cast<float>(divisor),
+                              q.mutable_data_ptr<int8_t>(), scales.mutable_data_ptr<float>(), std::nullopt);
+  });
+}
+
+// out = q * scale per block (fp32, then out's dtype), or with kAdd: acc = acc + q * scale (fp32 acc).
 template <typename T, bool kAdd>
 void dequantize_blocks(const int8_t* q, const float* scales, T* out, int64_t numel, int64_t block_size) {
   const int64_t nblocks = ceil_div(numel, block_size);
   at::parallel_for(0, nblocks, block_grain(block_size), [&](int64_t b0, int64_t b1) {
+    float buf[kChunk];
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t start = b * block_size;
-      const int64_t n = std::min(block_size, numel - start);
-      const float s = scales[b];
-      const int8_t* qb = q + start;
-      T* ob = out + start;
-      for (int64_t i = 0; i < n; ++i) {
-        const float v = static_cast<float>(qb[i]) * s;
+      const int64_t start = b * block_size, n = std::min(block_size, numel - start);
+      for (int64_t c = start; c < start + n; c += kChunk) {
+        const int64_t len = std::min(kChunk, start + n - c);
         if constexpr (kAdd) {
-          ob[i] = ob[i] + v;
+          dequantize_accumulate(q + c, len, scales[b], out + c);
+        } else if constexpr (std::is_same_v<T, float>) {
+          dequantize_into(q + c, len, scales[b], out + c);
         } else {
-          ob[i] = static_cast<T>(v);
+          dequantize_into(q + c, len, scales[b], buf);
+          for (int64_t i = 0; i < len; ++i) out[c + i] = static_cast<T>(buf[i]);
         }
       }
     }
@@ -165,13 +219,21 @@ at::Tensor dequantize_int8_cpu(const at::Tensor& q, const at::Tensor& scales, in
   return out;
 }
 
+void dequantize_int8_into_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor& scales, int64_t block_size) {
+  const char* op = "dequantize_int8_into_";
+  check_int8_payload(q, scales, block_size, op);
+  check_dequantize_out(out, q, op, "out");
+  PYPARALLEL_DISPATCH_FLOATING(out.scalar_type(), [&] {
+    dequantize_blocks<scalar_t, false>(q.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(),
+                                       out.mutable_data_ptr<scalar_t>(), q.numel(), block_size);
+  });
+}
+
 void dequantize_add_cpu(at::Tensor& acc, const at::Tensor& q, const at::Tensor& scales, int64_t block_size) {
   const char* op = "dequantize_add_";
   check_int8_payload(q, scales, block_size, op);
   TORCH_CHECK(acc.scalar_type() == at::kFloat, op, ": acc must be a float32 accumulator, got ", acc.scalar_type());
-  TORCH_CHECK(acc.is_contiguous(), op, ": acc must be contiguous");
-  TORCH_CHECK(acc.numel() == q.numel(), op, ": acc has ", acc.numel(), " elements but q has ", q.numel());
-  check_same_device(acc, q, op, "acc", "q");
+  check_dequantize_out(acc, q, op, "acc");
   dequantize_blocks<float, true>(q.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(),
                                  acc.mutable_data_ptr<float>(), q.numel(), block_size);
 }
@@ -181,6 +243,8 @@ void dequantize_add_cpu(at::Tensor& acc, const at::Tensor& q, const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(pyparallel, CPU, m) {
   m.impl("quantize_int8", &pyparallel::quantize_int8_cpu);
+  m.impl("quantize_int8_into_", &pyparallel::quantize_int8_into_cpu);
   m.impl("dequantize_int8", &pyparallel::dequantize_int8_cpu);
+  m.impl("dequantize_int8_into_", &pyparallel::dequantize_int8_into_cpu);
   m.impl("dequantize_add_", &pyparallel::dequantize_add_cpu);
 }

@@ -11,129 +11,226 @@
 // With a residual r (error feedback), y = r + x is first written into r; the selected entries are then
 // zeroed in r and returned as values, so r_new + scatter(values, indices) == r_old + x exactly.
 //
-// CPU algorithm, three passes over the data in fixed chunks:
-//   1. (y = r + x,) histogram of key >> 20 per chunk;      -> the coarse bin B holding the k-th key
-//   2. collect the indices whose coarse bin is B;            -> nth_element on their keys gives T
-//   3. per-chunk counts give each chunk's output offset and its share of the ties; write the outputs.
+// CPU algorithm, in fixed chunks (the result does not depend on how they are split):
+//   0. keys of a strided sample of y give a bracket [lo, hi] that very likely holds T;
+//   1. (y = r + x,) count keys > hi and keys >= lo: compares and adds only, so the loop vectorizes.
+//      If the bracket misses T (#{> hi} >= k or #{>= lo} < k), it widens to all keys: slower, still exact;
+//   2. indices with key > hi are selected; those inside the bracket are candidates -> nth_element on
+//      the candidates' keys gives T and the ties to take; each chunk then merges its two index-ordered
+//      lists into its slice of the output (chunk offsets are prefix sums of the per-chunk counts).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
+#include <cmath>
 #include <vector>
 
 #include "common.h"
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PYPARALLEL_VECTORIZE __attribute__((target_clones("avx2", "default")))
+#else
+#define PYPARALLEL_VECTORIZE
+#endif
+
 namespace pyparallel {
 namespace {
 
-constexpr int kCoarseShift = 20;                         // bits 30..20 of the key (bit 31 is always 0)
-constexpr int kCoarseBins = 1 << (31 - kCoarseShift);    // 2048
-constexpr int64_t kTopkChunk = 1 << 18;  // 256K elements: enough chunks for the threads, few histograms
+constexpr int64_t kTopkChunk = 1 << 18;  // 256K elements: enough chunks for the threads
+constexpr int64_t kKeyBlock = 2048;      // keys are materialized this many at a time
+constexpr int64_t kSampleTarget = 1 << 14;
+constexpr int32_t kMaxKey = 0x7fffffff;
 
 template <typename T>
-inline uint32_t magnitude_key(T v) {
+inline int32_t magnitude_key(T v) {
   const float f = static_cast<float>(v);
-  uint32_t u;
+  int32_t u;
   std::memcpy(&u, &f, sizeof(u));
-  return u & 0x7fffffffu;
+  return u & kMaxKey;  // |f|'s bits: integer order is magnitude order, NaN above Inf
+}
+
+PYPARALLEL_VECTORIZE void float_keys(const float* v, int64_t n, int32_t* keys) {
+  for (int64_t i = 0; i < n; ++i) {
+    int32_t u;
+    std::memcpy(&u, v + i, sizeof(u));
+    keys[i] = u & kMaxKey;
+  }
+}
+
+// Pass 1 for fp32, one fused loop: (r = r + x,) then count keys > hi and keys >= lo.
+template <bool kAdd>
+PYPARALLEL_VECTORIZE void count_bracket_floats(float* r, const float* x, int64_t n, int32_t lo, int32_t hi,
+                                               int64_t& above, int64_t& at_least_lo) {
+  int64_t a = 0, b = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    float v = x[i];
+    if constexpr (kAdd) {
+      v = r[i] + v;
+      r[i] = v;
+    }
+    int32_t key;
+    std::memcpy(&key, &v, sizeof(key));
+    key &= kMaxKey;
+    a += key > hi;
+    b += key >= lo;
+  }
+  above += a;
+  at_least_lo += b;
+}
+
+// Keys of y[lo, lo + n) into keys (n <= kKeyBlock); with update_residual, first r = r + x (= y).
+template <typename T>
+void chunk_keys(const T* x, T* r, int64_t lo, int64_t n, int32_t* keys, bool update_residual) {
+  const T* y = r != nullptr ? r : x;
+  for (int64_t i = 0; i < n; ++i) {
+    if (update_residual) r[lo + i] = r[lo + i] + x[lo + i];
+    keys[i] = magnitude_key(y[lo + i]);
+  }
+}
+
+// Pass 1 over y[lo, lo + n): counts keys > khi and keys >= klo (and updates the residual).
+template <typename T>
+void pass_one(const T* x, T* r, int64_t lo, int64_t n, int32_t klo, int32_t khi, int32_t* keys, int64_t& above,
+              int64_t& at_least_lo) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (r != nullptr) {
+      count_bracket_floats<true>(r + lo, x + lo, n, klo, khi, above, at_least_lo);
+    } else {
+      count_bracket_floats<false>(nullptr, x + lo, n, klo, khi, above, at_least_lo);
+    }
+  } else {
+    chunk_keys(x, r, lo, n, keys, r != nullptr);
+    for (int64_t i = 0; i < n; ++i) {
+      above += keys[i] > khi;
+      at_least_lo += keys[i] >= klo;
+    }
+  }
 }
 
 struct ChunkState {
-  int64_t coarse_gt = 0;            // keys in bins above B
-  std::vector<int64_t> candidates;  // indices whose key is in bin B, ascending
-  int64_t gt = 0;                   // keys > T
-  int64_t eq = 0;                   // keys == T
-  int64_t take_eq = 0;              // ties this chunk contributes
-  int64_t offset = 0;               // first output slot
+  int64_t above_hi = 0, at_least_lo = 0;  // pass 1 counts
+  std::vector<int64_t> above;             // indices with key > hi (all selected), ascending
+  std::vector<int64_t> candidates;        // indices with lo <= key <= hi, ascending
+  int64_t ties = 0;                       // candidates taken with key == T
+  int64_t offset = 0;                     // first output slot
 };
+
+// Bracket [lo, hi] for the k-th largest key from a strided sample of y = (r +) x; margins of about four
+// standard deviations of the sample rank make a miss rare (and a miss only costs time).
+template <typename T>
+std::pair<int32_t, int32_t> sample_bracket(const T* x, const T* r, int64_t n, int64_t k) {
+  const int64_t stride = std::max<int64_t>(1, n / kSampleTarget);
+  std::vector<int32_t> sample;
+  sample.reserve(n / stride + 1);
+  for (int64_t i = stride / 2; i < n; i += stride) sample.push_back(magnitude_key(r != nullptr ? T(r[i] + x[i]) : x[i]));
+  const int64_t m = static_cast<int64_t>(sample.size());
+  const double expect = static_cast<double>(k) * m / n;  // rank of T within the sample
+  const int64_t margin = static_cast<int64_t>(4.0 * std::sqrt(expect) + 8);
+  const int64_t r_hi = static_cast<int64_t>(expect) - margin, r_lo = static_cast<int64_t>(expect) + margin;
+  auto kth_largest = [&](int64_t rank) {  // 1-based
+    std::nth_element(sample.begin(), sample.begin() + (rank - 1), sample.end(), std::greater<int32_t>());
+    return sample[rank - 1];
+  };
+  const int32_t hi = r_hi >= 1 ? kth_largest(r_hi) : kMaxKey;
+  const int32_t lo = r_lo <= m ? kth_largest(r_lo) : 0;
+  return {lo, hi};
+}
 
 template <typename T, typename I>
 void topk_select(const T* x, T* r, int64_t n, int64_t k, T* values, I* indices) {
-  // y lives in r when error feedback is on; otherwise y is x itself.
-  const T* y = r != nullptr ? r : x;
+  const T* y = r != nullptr ? r : x;  // y lives in r when error feedback is on
   const int64_t nchunks = ceil_div(n, kTopkChunk);
   std::vector<ChunkState> chunks(nchunks);
-  std::vector<std::array<uint32_t, kCoarseBins>> hists(nchunks);
-
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      auto& h = hists[c];
-      h.fill(0);
-      const int64_t lo = c * kTopkChunk, hi = std::min(n, lo + kTopkChunk);
-      if (r != nullptr) {
-        for (int64_t i = lo; i < hi; ++i) {
-          const T v = r[i] + x[i];
-          r[i] = v;
-          ++h[magnitude_key(v) >> kCoarseShift];
-        }
-      } else {
-        for (int64_t i = lo; i < hi; ++i) ++h[magnitude_key(y[i]) >> kCoarseShift];
+  auto for_chunks = [&](auto&& body) {
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      int32_t keys[kKeyBlock];
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t end = std::min(n, (c + 1) * kTopkChunk);
+        for (int64_t lo = c * kTopkChunk; lo < end; lo += kKeyBlock) body(chunks[c], lo, std::min(kKeyBlock, end - lo), keys);
       }
+    });
+  };
+  if (k == 0) {
+    if (r != nullptr) {  // k = 0 still accumulates x into the residual
+      for_chunks([&](ChunkState& s, int64_t i0, int64_t len, int32_t* keys) {
+        pass_one(x, r, i0, len, 0, kMaxKey, keys, s.above_hi, s.at_least_lo);
+      });
     }
-  });
-  if (k == 0) return;
-
-  std::array<int64_t, kCoarseBins> hist{};
-  for (const auto& h : hists)
-    for (int b = 0; b < kCoarseBins; ++b) hist[b] += h[b];
-  int bin = kCoarseBins - 1;
-  int64_t above = 0;  // keys in bins > bin
-  while (above + hist[bin] < k) above += hist[bin--];
-  const int64_t rank_in_bin = k - above;  // 1-based rank of T among the keys in `bin`
-
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      ChunkState& s = chunks[c];
-      const int64_t lo = c * kTopkChunk, hi = std::min(n, lo + kTopkChunk);
-      for (int64_t i = lo; i < hi; ++i) {
-        const int b = static_cast<int>(magnitude_key(y[i]) >> kCoarseShift);
-        s.coarse_gt += b > bin;
-        if (b == bin) s.candidates.push_back(i);
-      }
-    }
-  });
-  std::vector<uint32_t> keys;
-  keys.reserve(hist[bin]);
-  for (const auto& s : chunks)
-    for (int64_t i : s.candidates) keys.push_back(magnitude_key(y[i]));
-  std::nth_element(keys.begin(), keys.begin() + (rank_in_bin - 1), keys.end(), std::greater<uint32_t>());
-  const uint32_t threshold = keys[rank_in_bin - 1];
-
-  int64_t total_gt = 0;
-  for (auto& s : chunks) {
-    s.gt = s.coarse_gt;
-    for (int64_t i : s.candidates) {
-      const uint32_t key = magnitude_key(y[i]);
-      s.gt += key > threshold;
-      s.eq += key == threshold;
-    }
-    total_gt += s.gt;
+    return;
   }
-  int64_t ties_left = k - total_gt;
+
+  auto [lo, hi] = sample_bracket(x, r, n, k);
+  for_chunks([&](ChunkState& s, int64_t i0, int64_t len, int32_t* keys) {
+    pass_one(x, r, i0, len, lo, hi, keys, s.above_hi, s.at_least_lo);
+  });
+  int64_t above = 0, at_least_lo = 0;
+  for (const auto& s : chunks) {
+    above += s.above_hi;
+    at_least_lo += s.at_least_lo;
+  }
+  if (above >= k || at_least_lo < k) {  // the sample misled us: every key is a candidate
+    lo = 0;
+    hi = kMaxKey;
+    above = 0;
+  }
+
+  for_chunks([&](ChunkState& s, int64_t i0, int64_t len, int32_t* keys) {
+    if constexpr (std::is_same_v<T, float>) {
+      float_keys(y + i0, len, keys);
+    } else {
+      chunk_keys(x, r, i0, len, keys, false);
+    }
+    for (int64_t i = 0; i < len; ++i) {
+      if (keys[i] < lo) continue;
+      (keys[i] > hi ? s.above : s.candidates).push_back(i0 + i);
+    }
+  });
+
+  // T: the (k - above)-th largest key among the candidates.
+  std::vector<int32_t> cand_keys;
+  for (const auto& s : chunks)
+    for (int64_t i : s.candidates) cand_keys.push_back(magnitude_key(y[i]));
+  const int64_t rank = k - above;
+  std::nth_element(cand_keys.begin(), cand_keys.begin() + (rank - 1), cand_keys.end(), std::greater<int32_t>());
+  const int32_t threshold = cand_keys[rank - 1];
+  int64_t gt = 0;
+  for (int32_t key : cand_keys) gt += key > threshold;
+  int64_t ties_left = rank - gt;
   int64_t offset = 0;
   for (auto& s : chunks) {
-    s.take_eq = std::min(s.eq, ties_left);
-    ties_left -= s.take_eq;
+    int64_t eq = 0, take = 0;
+    for (int64_t i : s.candidates) {
+      const int32_t key = magnitude_key(y[i]);
+      take += key > threshold;
+      eq += key == threshold;
+    }
+    s.ties = std::min(eq, ties_left);
+    ties_left -= s.ties;
     s.offset = offset;
-    offset += s.gt + s.take_eq;
+    offset += static_cast<int64_t>(s.above.size()) + take + s.ties;
   }
   TORCH_INTERNAL_ASSERT(ties_left == 0 && offset == k, "topk_compress: selection count mismatch");
 
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const ChunkState& s = chunks[c];
-      int64_t pos = s.offset, ties = s.take_eq;
-      const int64_t lo = c * kTopkChunk, hi = std::min(n, lo + kTopkChunk);
-      for (int64_t i = lo; i < hi; ++i) {
-        const uint32_t key = magnitude_key(y[i]);
-        if (key > threshold || (key == threshold && ties > 0)) {
-          ties -= key == threshold;
-          values[pos] = y[i];
-          indices[pos] = static_cast<I>(i);
-          ++pos;
-          if (r != nullptr) r[i] = T(0);
-        }
+      int64_t pos = s.offset, ties = s.ties;
+      auto emit = [&](int64_t i) {
+        values[pos] = y[i];
+        indices[pos] = static_cast<I>(i);
+        ++pos;
+      };
+      size_t a = 0;
+      for (int64_t i : s.candidates) {
+        const int32_t key = magnitude_key(y[i]);
+        if (key < threshold || (key == threshold && ties == 0)) continue;
+        ties -= key == threshold;
+        for (; a < s.above.size() && s.above[a] < i; ++a) emit(s.above[a]);
+        emit(i);
+      }
+      for (; a < s.above.size(); ++a) emit(s.above[a]);
+      if (r != nullptr) {
+        for (int64_t p = s.offset; p < pos; ++p) r[static_cast<int64_t>(indices[p])] = T(0);
       }
     }
   });

@@ -68,10 +68,12 @@ __device__ __forceinline__ void for_each_in_block(const T* xb, int64_t n, int la
   }
 }
 
+// Quantizes each block of y = (x + add_q * add_scale) / divisor (add_q may be null, divisor 1).
 template <typename T, int VEC>
 __global__ void quantize_int8_kernel(const T* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ scales,
-                                     int64_t numel, int64_t block_size, int64_t nblocks, bool stochastic,
-                                     at::PhiloxCudaState philox) {
+                                     int64_t numel, int64_t block_size, int64_t nblocks,
+                                     const int8_t* __restrict__ add_q, const float* __restrict__ add_scales,
+                                     float divisor, bool stochastic, at::PhiloxCudaState philox) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
@@ -86,8 +88,14 @@ __global__ void quantize_int8_kernel(const T* __restrict__ x, int8_t* __restrict
     const int64_t n = min(block_size, numel - start);
     const T* xb = x + start;
     int8_t* qb = q + start;
+    const int8_t* ab = add_q != nullptr ? add_q + start : nullptr;
+    const float as = add_q != nullptr ? add_scales[b] : 0.0f;
+    auto value = [&](int64_t i, float v) {
+      if (ab != nullptr) v = __fadd_rn(v, __fmul_rn(static_cast<float>(ab[i]), as));
+      return divisor != 1.0f ? __fdiv_rn(v, divisor) : v;
+    };
     uint32_t m = 0;
-    for_each_in_block<T, VEC>(xb, n, lane, [&](int64_t, float v) { m = max(m, abs_bits(v)); });
+    for_each_in_block<T, VEC>(xb, n, lane, [&](int64_t i, float v) { m = max(m, abs_bits(value(i, v))); });
     m = warp_max(m);
     const float absmax = __uint_as_float(m);
     if (m < kMinAbsmaxBits || m >= kInfBits) {
@@ -98,13 +106,14 @@ __global__ void quantize_int8_kernel(const T* __restrict__ x, int8_t* __restrict
     if (lane == 0) scales[b] = __fdiv_rn(absmax, kInt8Max);
     const float inv = __fdiv_rn(kInt8Max, absmax);
     if (!stochastic) {
-      for_each_in_block<T, VEC>(xb, n, lane, [&](int64_t i, float v) { qb[i] = to_int8(rintf(__fmul_rn(v, inv))); });
+      for_each_in_block<T, VEC>(xb, n, lane,
+                                [&](int64_t i, float v) { qb[i] = to_int8(rintf(__fmul_rn(value(i, v), inv))); });
     } else {
       for_each_in_block<T, VEC>(xb, n, lane, [&](int64_t i, float v) {
         curandStatePhilox4_32_10_t state;
         curand_init(seed, static_cast<uint64_t>(start + i), offset, &state);
         const float u = 1.0f - curand_uniform(&state);  // curand_uniform is in (0, 1]
-        qb[i] = to_int8(floorf(__fadd_rn(__fmul_rn(v, inv), u)));
+        qb[i] = to_int8(floorf(__fadd_rn(__fmul_rn(value(i, v), inv), u)));
       });
     }
   }
@@ -117,25 +126,11 @@ inline int grid_for(int64_t work_items, int64_t items_per_block) {
   return static_cast<int>(std::max<int64_t>(1, std::min(ceil_div(work_items, items_per_block), sms * 32)));
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_int8_cuda(const at::Tensor& x_in, int64_t block_size, bool stochastic,
-                                                      std::optional<at::Generator> generator) {
-  const char* op = "quantize_int8";
-  check_float_tensor(x_in, op, "x");
-  check_block_size(block_size, op);
-  c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
+void launch_quantize(const at::Tensor& x, at::Tensor& q, at::Tensor& scales, int64_t block_size, const int8_t* add_q,
+                     const float* add_scales, float divisor, bool stochastic, at::PhiloxCudaState philox) {
   const int64_t numel = x.numel();
+  if (numel == 0) return;
   const int64_t nblocks = ceil_div(numel, block_size);
-  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  at::Tensor scales = at::empty({nblocks}, x.options().dtype(at::kFloat));
-  if (numel == 0) return {q, scales};
-  at::PhiloxCudaState philox;
-  if (stochastic) {
-    auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator,
-                                                                   at::cuda::detail::getDefaultCUDAGenerator());
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    philox = gen->philox_cuda_state(4);  // each element draws once from its own Philox subsequence
-  }
   const int grid = grid_for(nblocks, kThreads / kWarp);
   auto stream = at::cuda::getCurrentCUDAStream();
   PYPARALLEL_DISPATCH_FLOATING(x.scalar_type(), [&] {
@@ -143,16 +138,46 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_cuda(const at::Tensor& x_in, in
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     if (block_size % kVec == 0 && aligned16(xp)) {
       quantize_int8_kernel<scalar_t, kVec><<<grid, kThreads, 0, stream>>>(
-          xp, q.mutable_data_ptr<int8_t>(), scales.mutable_data_ptr<float>(), numel, block_size, nblocks, stochastic,
-          philox);
+          xp, q.mutable_data_ptr<int8_t>(), scales.mutable_data_ptr<float>(), numel, block_size, nblocks, add_q,
+          add_scales, divisor, stochastic, philox);
     } else {
       quantize_int8_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(
-          xp, q.mutable_data_ptr<int8_t>(), scales.mutable_data_ptr<float>(), numel, block_size, nblocks, stochastic,
-          philox);
+          xp, q.mutable_data_ptr<int8_t>(), scales.mutable_data_ptr<float>(), numel, block_size, nblocks, add_q,
+          add_scales, divisor, stochastic, philox);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_int8_cuda(const at::Tensor& x_in, int64_t block_size, bool stochastic,
+                                                      std::optional<at::Generator> generator) {
+  const char* op = "quantize_int8";
+  check_float_tensor(x_in, op, "x");
+  check_block_size(block_size, op);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor scales = at::empty({ceil_div(x.numel(), block_size)}, x.options().dtype(at::kFloat));
+  at::PhiloxCudaState philox;
+  if (stochastic && x.numel() > 0) {
+    auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator,
+                                                                   at::cuda::detail::getDefaultCUDAGenerator());
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    philox = gen->philox_cuda_state(4);  // each element draws once from its own Philox subsequence
+  }
+  launch_quantize(x, q, scales, block_size, nullptr, nullptr, 1.0f, stochastic, philox);
   return {q, scales};
+}
+
+void quantize_int8_into_cuda(at::Tensor& q, at::Tensor& scales, const at::Tensor& x_in, int64_t block_size,
+                             const std::optional<at::Tensor>& add_q, const std::optional<at::Tensor>& add_scales,
+                             double divisor) {
+  check_quantize_into_args(q, scales, x_in, block_size, add_q, add_scales, divisor, "quantize_int8_into_");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  launch_quantize(x, q, scales, block_size, add_q ? add_q->const_data_ptr<int8_t>() : nullptr,
+                  add_q ? add_scales->const_data_ptr<float>() : nullptr, static_cast<float>(divisor), false,
+                  at::PhiloxCudaState());
 }
 
 // Each thread handles VEC consecutive int8 values (one 16-byte load when VEC == 16), tracking the
@@ -233,13 +258,21 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& q, const at::Tensor& scales, i
   return out;
 }
 
+void dequantize_int8_into_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& scales, int64_t block_size) {
+  const char* op = "dequantize_int8_into_";
+  check_int8_payload(q, scales, block_size, op);
+  check_dequantize_out(out, q, op, "out");
+  c10::cuda::CUDAGuard guard(out.device());
+  PYPARALLEL_DISPATCH_FLOATING(out.scalar_type(), [&] {
+    launch_dequantize<scalar_t, false>(q, scales, out.mutable_data_ptr<scalar_t>(), block_size);
+  });
+}
+
 void dequantize_add_cuda(at::Tensor& acc, const at::Tensor& q, const at::Tensor& scales, int64_t block_size) {
   const char* op = "dequantize_add_";
   check_int8_payload(q, scales, block_size, op);
   TORCH_CHECK(acc.scalar_type() == at::kFloat, op, ": acc must be a float32 accumulator, got ", acc.scalar_type());
-  TORCH_CHECK(acc.is_contiguous(), op, ": acc must be contiguous");
-  TORCH_CHECK(acc.numel() == q.numel(), op, ": acc has ", acc.numel(), " elements but q has ", q.numel());
-  check_same_device(acc, q, op, "acc", "q");
+  check_dequantize_out(acc, q, op, "acc");
   c10::cuda::CUDAGuard guard(acc.device());
   launch_dequantize<float, true>(q, scales, acc.mutable_data_ptr<float>(), block_size);
 }
@@ -249,6 +282,8 @@ void dequantize_add_cuda(at::Tensor& acc, const at::Tensor& q, const at::Tensor&
 
 TORCH_LIBRARY_IMPL(pyparallel, CUDA, m) {
   m.impl("quantize_int8", &pyparallel::quantize_int8_cuda);
+  m.impl("quantize_int8_into_", &pyparallel::quantize_int8_into_cuda);
   m.impl("dequantize_int8", &pyparallel::dequantize_int8_cuda);
+  m.impl("dequantize_int8_into_", &pyparallel::dequantize_int8_into_cuda);
   m.impl("dequantize_add_", &pyparallel::dequantize_add_cuda);
 }

@@ -1,0 +1,222 @@
+"""All-reduce benchmark in the style of NVIDIA nccl-tests: pyparallel's ring against Gloo, same run.
+
+Rows per size: ``gloo`` (torch.distributed.all_reduce on Gloo), ``ring`` (our fp32 ring), ``int8`` (our
+int8-compressed ring) and ``topk`` (1% top-k with error feedback, sparse all-gather). For each, the
+slowest rank's average time per call, algbw = size / time (size: the fp32 tensor's bytes, so compressed
+variants show their effective bandwidth) and busbw = algbw * 2(n-1)/n. ``#wrong`` counts elements
+that fail the check: exact ring order for ``ring`` (bitwise, pyparallel.reference), the fp32
+reassociation bound for ``gloo``, the stated error bound for ``int8``, the reference top-k for ``topk``
+(up to --check-max elements; above it, agreement across ranks only). Any wrong result exits non-zero.
+
+    python benchmarks/allreduce.py -n 2 -b 1M -e 64M -f 4
+    python benchmarks/allreduce.py -n 4 --link-gbit 1 --json out.json   # root: emulated 1 Gbit/s links
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from netns import IFNAME, LinkEmulation, LinkEmulationError  # noqa: E402
+
+VARIANTS = ("gloo", "ring", "int8", "topk")
+
+
+def parse_bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
+
+
+def sizes(args) -> list[int]:
+    out, size = [], parse_bytes(args.begin)
+    while size <= parse_bytes(args.end):
+        out.append(size)
+        size *= args.factor
+    return out
+
+
+def inputs(count: int, world: int, seed: int) -> list[torch.Tensor]:
+    """Every rank's input, reproducible anywhere, so each rank can compute the references itself."""
+    return [torch.randn(count, generator=torch.Generator().manual_seed(seed + r)) for r in range(world)]
+
+
+def digest(t: torch.Tensor) -> int:
+    return int.from_bytes(hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).digest()[:7], "little")
+
+
+def make_variant(name: str, x: torch.Tensor, ratio: float):
+    """Returns (run(t), check(t, xs) -> #wrong) for one variant."""
+    import pyparallel
+    from pyparallel import reference as ref
+
+    n = dist.get_world_size()
+    if name == "gloo":
+        def check(t, xs):
+            bound = 2 * (n - 1) * 2.0**-24 * sum(v.abs() for v in xs)  # two fp32 orders of n terms
+            return int(((t.double() - sum(v.double() for v in xs)).abs() > bound).sum())
+        return (lambda t: dist.all_reduce(t)), check
+    if name == "ring":
+        return (lambda t: pyparallel.all_reduce(t)), (lambda t, xs: int((t != ref.ring_all_reduce(xs)).sum()))
+    if name == "int8":
+        def check(t, xs):
+            err = (t.double() - sum(v.double() for v in xs)).abs()
+            return int((err > ref.int8_ring_error_bound(xs) + 1e-6 * err.abs()).sum())
+        return (lambda t: pyparallel.all_reduce(t, compression="int8")), check
+    residual = torch.zeros_like(x)
+    k = max(1, round(x.numel() * ratio))
+
+    def check(t, xs):
+        expect = ref.topk_all_reduce(xs, k, [torch.zeros_like(v) for v in xs])
+        return int((t != expect).sum())
+    return (lambda t: pyparallel.all_reduce(t, compression=pyparallel.Topk(k=k, residual=residual))), check
+
+
+def worker(args) -> int:
+    import pyparallel  # noqa: F401  (after the process group environment is set)
+
+    rank, n = args.rank, args.ranks
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", init_method=f"tcp://{args.master}", rank=rank, world_size=n,
+                            timeout=datetime.timedelta(seconds=args.timeout))
+    rows, total_wrong = [], 0
+    if rank == 0:
+        print(f"# {'size':>10} {'count':>10} {'type':>6} {'redop':>5} {'variant':>8} {'time(us)':>11} "
+              f"{'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'#wrong':>7}", flush=True)
+    for size in sizes(args):
+        count = size // 4
+        xs = inputs(count, n, args.seed + size)
+        for name in args.variants.split(","):
+            t = xs[rank].clone()
+            run, check = make_variant(name, t, args.ratio)
+            run(t)
+            if count <= args.check_max or name in ("gloo", "ring", "int8"):
+                wrong = check(t, xs)
+            else:
+                wrong = 0
+            if name != "gloo":  # our collectives promise the same bits on every rank
+                digests = [None] * n
+                dist.all_gather_object(digests, digest(t))
+                wrong += sum(d != digests[0] for d in digests) * count
+            for _ in range(args.warmup):
+                run(t)
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                run(t)
+            elapsed = torch.tensor([(time.perf_counter() - t0) / args.iters, float(wrong)], dtype=torch.float64)
+            dist.all_reduce(elapsed[:1], op=dist.ReduceOp.MAX)
+            dist.all_reduce(elapsed[1:], op=dist.ReduceOp.SUM)
+            seconds, wrong = elapsed[0].item(), int(elapsed[1].item())
+            total_wrong += wrong
+            algbw = size / seconds / 1e9
+            row = dict(size=size, count=count, type="float", redop="sum", variant=name, time_us=seconds * 1e6,
+                       algbw=algbw, busbw=algbw * 2 * (n - 1) / n, wrong=wrong)
+            rows.append(row)
+            if rank == 0:
+                print(f"  {size:>10} {count:>10} {'float':>6} {'sum':>5} {name:>8} {row['time_us']:>11.1f} "
+                      f"{algbw:>11.3f} {row['busbw']:>11.3f} {wrong:>7}", flush=True)
+            dist.barrier()
+    if rank == 0:
+        by_size = {}
+        for row in rows:
+            by_size.setdefault(row["size"], {})[row["variant"]] = row["time_us"]
+        print("# speedup over gloo (time ratio):")
+        for size, times in by_size.items():
+            if "gloo" in times:
+                print(f"#   {size:>10} B: " + ", ".join(f"{v} {times['gloo'] / t:.2f}x" for v, t in times.items() if v != "gloo"))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(ranks=n, link_gbit=args.link_gbit, threads=args.threads, rows=rows,
+                               wrong=total_wrong, cmd=args.cmd), f, indent=2)
+        print(f"# ranks {n}, link {'loopback' if args.link_gbit is None else f'{args.link_gbit} Gbit/s (tbf)'}, "
+              f"out of bounds: {total_wrong}")
+    dist.destroy_process_group()
+    return 1 if total_wrong else 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, argv) -> int:
+    """Starts one process per rank (inside its namespace with --link-gbit) and waits for all of them."""
+    net = None
+    if args.link_gbit is not None:
+        try:
+            LinkEmulation.check()
+        except LinkEmulationError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        net = LinkEmulation(args.ranks, args.link_gbit)
+    base = [sys.executable, os.path.abspath(__file__)] + argv
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs = []
+    try:
+        if net is not None:
+            net.__enter__()
+            master, env["GLOO_SOCKET_IFNAME"] = f"{net.address(0)}:29500", IFNAME
+        else:
+            master, env["GLOO_SOCKET_IFNAME"] = f"127.0.0.1:{free_port()}", "lo"
+        for r in range(args.ranks):
+            prefix = net.command(r) if net is not None else []
+            cmd = prefix + base + ["--worker", "--rank", str(r), "--master", master, "--cmd", " ".join(["allreduce.py"] + argv)]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=None if r == 0 else subprocess.DEVNULL))
+        deadline = time.monotonic() + args.timeout * 4
+        codes = [p.wait(timeout=max(1, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        print("error: the benchmark ranks did not finish in time", file=sys.stderr)
+        codes = [1]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        if net is not None:
+            net.close()
+    return max(codes)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", "--ranks", type=int, default=2)
+    p.add_argument("-b", "--begin", default="1M", help="smallest size in bytes (fp32), e.g. 64K")
+    p.add_argument("-e", "--end", default="64M", help="largest size in bytes")
+    p.add_argument("-f", "--factor", type=int, default=4, help="size multiplier between rows")
+    p.add_argument("-w", "--warmup", type=int, default=2)
+    p.add_argument("-i", "--iters", type=int, default=5)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    p.add_argument("--ratio", type=float, default=0.01, help="top-k ratio")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--link-gbit", type=float, default=None, help="emulate links of this many Gbit/s (root)")
+    p.add_argument("--check-max", type=int, default=4 << 20, help="largest count checked against the top-k reference")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--timeout", type=float, default=600, help="process-group timeout, seconds")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--master", default="", help=argparse.SUPPRESS)
+    p.add_argument("--cmd", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for v in args.variants.split(","):
+        if v not in VARIANTS:
+            p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    if args.worker:
+        return worker(args)
+    return launch(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
