@@ -13,9 +13,10 @@ except ImportError as exc:  # a missing or broken build must be loud, with the f
         f"({exc}). Build it with `make build` (or `pip install --no-build-isolation -e .`)."
     ) from exc
 
-from . import ops  # noqa: E402
+from . import hooks, ops  # noqa: E402
 from . import pipeline  # noqa: E402
 from .comm import Int8, Topk, all_reduce  # noqa: E402
+from .data_parallel import DataParallel  # noqa: E402
 
-__all__ = ["ops", "all_reduce", "Int8", "Topk", "pipeline"]
+__all__ = ["ops", "hooks", "all_reduce", "Int8", "Topk", "DataParallel", "pipeline"]
 __version__ = "0.1.0"

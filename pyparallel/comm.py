@@ -180,10 +180,26 @@ def all_reduce(
         >>> pyparallel.all_reduce(t, op="avg", compression="int8")
         >>> fut = pyparallel.all_reduce(t, async_op=True); ...; fut.wait()
     """
-    average = _average(op)
-    name = _group_name(group)
-    fut = worker(name).submit(tensor, lambda: collective(tensor, name, average, compression, verify))
+    fut = submit(tensor, group, op, compression, verify)
     if async_op:
         return fut
     fut.wait()
     return None
+
+
+def submit(tensor, group=None, op="sum", compression: Compression = None, verify: bool = True,
+           on_bytes=None, on_start=None) -> torch.futures.Future:
+    """all_reduce(..., async_op=True) with two optional callbacks, both run on the group's worker thread:
+    ``on_start()`` just before the collective starts moving bytes, ``on_bytes(n)`` once it is done with
+    the bytes this rank sent (the hooks count their traffic with it)."""
+    average = _average(op)
+    name = _group_name(group)
+
+    def run():
+        if on_start is not None:
+            on_start()
+        sent = collective(tensor, name, average, compression, verify)
+        if on_bytes is not None:
+            on_bytes(sent)
+
+    return worker(name).submit(tensor, run)

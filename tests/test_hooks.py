@@ -1,0 +1,290 @@
+"""Communication hooks under torch's DDP and under pyparallel.DataParallel, in spawned Gloo ranks."""
+
+import os
+import pickle
+import random
+import tempfile
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import pyparallel
+from pyparallel import comm, hooks
+from pyparallel.train import load_digits_split, make_model, parser, run
+
+HOOKS = {
+    "allreduce": (hooks.allreduce_hook, hooks.HookState),
+    "fp16": (hooks.fp16_hook, hooks.HookState),
+    "bf16": (hooks.bf16_hook, hooks.HookState),
+    "int8": (hooks.int8_hook, hooks.Int8State),
+    "topk": (hooks.topk_hook, lambda: hooks.TopkState(ratio=0.05)),
+}
+
+
+def _bound(name, n, g_ref, m):
+    """Allowed |hooked - full-batch| per element; m = the largest |local gradient| on any rank.
+
+    allreduce: fp32 reassociation only (the batch is split across ranks, so sums run in another order).
+    fp16/bf16: the cast of g/n and the n - 1 per-hop roundings each err by at most 2^-11 (2^-8) of a
+        partial sum, and partial sums are at most m in magnitude: 2n * eps * m is a safe bound.
+    int8: ((1 + 1/254)^n - 1) * (sum of the ranks' block absmaxes) / n <= ((1 + 1/254)^n - 1) * m
+        (pyparallel.Int8), plus fp32 rounding.
+    """
+    if name == "allreduce":
+        return 1e-5 * g_ref.abs() + 1e-6 * m
+    if name in ("fp16", "bf16"):
+        return 2 * n * (2.0**-11 if name == "fp16" else 2.0**-8) * m
+    return ((1 + 1 / 254) ** n - 1) * m * (1 + 1e-5) + 1e-6 * m
+
+
+def _batch(seed, n=120):  # divisible by every world size used, so shard means average to the batch mean
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _reference_grads(model, x, y):
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _shard(t, rank, world):
+    return t.chunk(world)[rank]
+
+
+# ---- worker-side cases ----
+
+def _gradients_match_full_batch(seed, wrapper):
+    """Each rank backpropagates its shard; the hooked average must match one process on the full batch."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, y = _batch(seed)
+    expect = _reference_grads(make_model(128, 2, seed), x, y)
+    local = [_reference_grads(make_model(128, 2, seed), _shard(x, r, world), _shard(y, r, world)) for r in range(world)]
+    m = max(g.abs().max().item() for grads in local for g in grads)
+    out = {}
+    for name, (hook, make_state) in HOOKS.items():
+        if name == "topk":
+            continue
+        model = make_model(128, 2, seed)
+        if wrapper == "torch":
+            wrapped = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.05)
+            wrapped.register_comm_hook(make_state(), hook)
+        else:
+            wrapped = pyparallel.DataParallel(model, bucket_cap_mb=0.05, first_bucket_mb=0.01, comm_hook=hook,
+                                              hook_state=make_state())
+        nn.functional.cross_entropy(wrapped(_shard(x, rank, world)), _shard(y, rank, world)).backward()
+        for p, g in zip(model.parameters(), expect):
+            assert p.grad is not None
+            bound = _bound(name, world, g, m)
+            assert bool(((p.grad - g).abs() <= bound).all()), (name, wrapper, (p.grad - g).abs().max().item(), m)
+        out[name] = [p.grad.clone() for p in model.parameters()]
+    return out
+
+
+def _topk_trains_under_ddp(seed):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, y, _, _ = load_digits_split(seed)
+    model = make_model(64, 1, seed)
+    state = hooks.TopkState(ratio=0.05, warmup_steps=2)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp.register_comm_hook(state, hooks.topk_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for step in range(40):
+        idx = torch.arange(step * 64, (step + 1) * 64) % len(x)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(ddp(_shard(x[idx], rank, world)), _shard(y[idx], rank, world))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert state.iteration == 40 and state.residuals, "error feedback kept a residual per bucket"
+    return sum(losses[:5]) / 5, sum(losses[-5:]) / 5, state.bytes_sent
+
+
+def _overlap_events(seed):
+    """Record when bucket communication starts (on the worker thread) and when gradients become ready."""
+    torch.manual_seed(seed)
+    layers = []
+    for _ in range(6):
+        layers += [nn.Linear(512, 512), nn.ReLU()]
+    model = nn.Sequential(*layers)
+    log, lock = [], threading.Lock()
+
+    def stamp(what):
+        with lock:
+            log.append((what, time.perf_counter_ns()))
+
+    def logging_hook(state: hooks.HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        return comm.submit(bucket.buffer(), None, "avg", on_start=lambda: stamp(("comm_start", bucket.index())))
+
+    dp = pyparallel.DataParallel(model, bucket_cap_mb=1, first_bucket_mb=1, comm_hook=logging_hook)
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: stamp(("grad", 0)))
+    dp(torch.randn(256, 512)).sum().backward()
+    starts = [t for (what, _), t in log if what == "comm_start"]
+    grads = [t for (what, _), t in log if what == "grad"]
+    launches = [b for what, b in dp.events if what == "launch"]
+    end_at = [i for i, (what, _) in enumerate(dp.events) if what == "end"][0]
+    return len(dp.bucket_sizes), launches, end_at, [e for e, _ in dp.events].index("launch"), min(starts), max(grads)
+
+
+def _no_sync_accumulates(seed):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x1, y1 = _batch(seed)
+    x2, y2 = _batch(seed + 1)
+    ref_model = make_model(64, 1, seed)
+    ref_model.zero_grad()
+    (nn.functional.cross_entropy(ref_model(x1), y1) + nn.functional.cross_entropy(ref_model(x2), y2)).backward()
+    model = make_model(64, 1, seed)
+    dp = pyparallel.DataParallel(model)
+    with dp.no_sync():
+        nn.functional.cross_entropy(dp(_shard(x1, rank, world)), _shard(y1, rank, world)).backward()
+    local = [p.grad.clone() for p in model.parameters()]
+    nn.functional.cross_entropy(dp(_shard(x2, rank, world)), _shard(y2, rank, world)).backward()
+    for p, g in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, g.grad, rtol=1e-5, atol=1e-6)
+    return [t.sum().item() for t in local]
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.used, self.unused = nn.Linear(8, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.used(self.body(x))
+
+
+def _unused_parameters(find_unused):
+    torch.manual_seed(0)
+    dp = pyparallel.DataParallel(_TwoHeads(), find_unused_parameters=find_unused)
+    try:
+        dp(torch.randn(4, 8)).sum().backward()
+    except RuntimeError as e:
+        return str(e)
+    return [p.grad.abs().sum().item() for p in dp.module.unused.parameters()]
+
+
+def _custom_hook_and_bad_config():
+    calls = []
+
+    def my_hook(state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        calls.append((bucket.index(), bucket.buffer().numel(), len(bucket.gradients()), bucket.is_last()))
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer() * 0 + 1)  # a hook may return a new tensor
+        return fut
+
+    model = make_model(32, 1, 0)
+    dp = pyparallel.DataParallel(model, comm_hook=my_hook)
+    dp(torch.randn(4, 64)).sum().backward()
+    assert all(bool((p.grad == 1).all()) for p in model.parameters())
+    with pytest.raises(ValueError, match="no parameters that require gradients"):
+        pyparallel.DataParallel(nn.ReLU())
+    return calls
+
+
+def _train(overrides):
+    args = parser().parse_args([])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    args.no_progress = True
+    result = run(args)
+    return {k: v for k, v in result.items()}
+
+
+# ---- tests ----
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("wrapper", ["torch", "pyparallel"])
+def test_hooked_gradients_match_full_batch(dist_pool, world_size, wrapper):
+    results = dist_pool(world_size).run(_gradients_match_full_batch, random.randrange(2**30), wrapper)
+    for name in results[0]:  # every hook leaves the same bits on every rank
+        for r in results[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(results[0][name], r[name])), name
+
+
+def test_topk_hook_trains_under_torch_ddp(dist_pool):
+    for first, last, sent in dist_pool(2).run(_topk_trains_under_ddp, random.randrange(2**30)):
+        assert last < 0.5 * first
+        assert sent > 0
+
+
+def test_buckets_communicate_during_backward(dist_pool):
+    for nbuckets, launches, end_at, first_launch_at, first_comm_start, last_grad in dist_pool(2).run(
+            _overlap_events, random.randrange(2**30)):
+        assert nbuckets >= 3
+        assert launches == list(range(nbuckets)), "buckets launch in index order"
+        assert first_launch_at < end_at, "the first bucket is launched before backward ends"
+        assert first_comm_start < last_grad, "bucket 0's all-reduce started while gradients were still being computed"
+
+
+def test_no_sync_accumulates_then_reduces(dist_pool):
+    local = dist_pool(2).run(_no_sync_accumulates, random.randrange(2**30))
+    assert local[0] != local[1], "inside no_sync the gradients stay local"
+
+
+def test_unused_parameters(dist_pool):
+    messages = dist_pool(2).run(_unused_parameters, False)
+    for msg in messages:
+        assert "2 parameter(s) received no gradient in this backward: unused.weight, unused.bias" in msg
+    for grads in dist_pool(2).run(_unused_parameters, True):
+        assert grads == [0.0, 0.0]
+
+
+def test_custom_hook_gets_a_gradbucket_like_object(dist_pool):
+    calls = dist_pool(2).run(_custom_hook_and_bad_config)[0]
+    assert calls and calls[-1][3] is True and sum(c[1] for c in calls) == sum(
+        p.numel() for p in make_model(32, 1, 0).parameters())
+
+
+def test_state_pickles_without_process_group_and_round_trips():
+    state = hooks.TopkState(process_group=object(), ratio=0.1, warmup_steps=3)
+    state.residuals[0] = torch.randn(10)
+    state.bytes_sent, state.iteration = 123, 4
+    clone = pickle.loads(pickle.dumps(state))
+    assert clone.process_group is None and clone.ratio == 0.1 and clone.iteration == 4
+    assert torch.equal(clone.residuals[0], state.residuals[0])
+    fresh = hooks.TopkState()
+    fresh.load_state_dict(state.state_dict())
+    assert fresh.bytes_sent == 123 and fresh.iteration == 4 and torch.equal(fresh.residuals[0], state.residuals[0])
+    with pytest.raises(ValueError, match="ratio must be in"):
+        hooks.TopkState(ratio=0)
+    with pytest.raises(ValueError, match="block_size must be positive"):
+        hooks.Int8State(block_size=0)
+
+
+def test_topk_residual_reinitialised_when_bucket_shape_changes():
+    state = hooks.TopkState()
+    a = pyparallel.grad_bucket.Bucket(0, torch.zeros(10), [torch.zeros(10)], True)
+    r = state.residual_for(a)
+    r += 1
+    assert state.residual_for(a) is r
+    b = pyparallel.grad_bucket.Bucket(0, torch.zeros(12), [torch.zeros(12)], True)
+    assert state.residual_for(b).shape == (12,) and not bool(state.residual_for(b).any())
+
+
+def test_compressed_training_accuracy_close_to_fp32(dist_pool):
+    # Same data, model, seed and epochs; int8 must land within 1 point of fp32, top-k 1% within 2.
+    pool = dist_pool(2)
+    common = dict(epochs=12, hidden=128, threads=1)
+    acc = {h: pool.run(_train, dict(common, hook=h), timeout=300)[0]["test_accuracy"] for h in ("allreduce", "int8", "topk")}
+    assert acc["allreduce"] > 0.9, acc
+    assert acc["int8"] >= acc["allreduce"] - 0.01, acc
+    assert acc["topk"] >= acc["allreduce"] - 0.02, acc
+
+
+def test_resume_is_bitwise_identical(dist_pool):
+    pool = dist_pool(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "ckpt")
+        common = dict(hook="topk", ratio=0.05, hidden=64, threads=1, seed=3)
+        straight = pool.run(_train, dict(common, epochs=4), timeout=300)
+        pool.run(_train, dict(common, epochs=2, checkpoint=prefix), timeout=300)
+        resumed = pool.run(_train, dict(common, epochs=4, resume=prefix), timeout=300)
+    for a, b in zip(straight, resumed):
+        assert a["steps"] == b["steps"]
+        assert all(torch.equal(p, q) for p, q in zip(a["final_parameters"], b["final_parameters"]))
