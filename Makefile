@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CUDA 13 build of torch: nvcc compiles every .cu file with it, also on a machine without a GPU.
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy pytest pytest-timeout hypothesis ninja
+DEPS := numpy pytest pytest-timeout ninja scikit-learn tqdm matplotlib
 export MAX_JOBS ?= 2
 
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
@@ -16,8 +16,9 @@ BUILD_STAMP := $(VENV)/.pyparallel-build
 
 .PHONY: demo test build install bench clean
 
+# Two ranks on this machine (torchrun, Gloo) train the digits classifier with the int8 hook.
 demo: build
-	$(PY) benchmarks/kernels.py --quick
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m pyparallel.train --hook int8 --epochs 15
 
 test: build
 	$(PY) -m pytest tests
@@ -44,6 +45,7 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 
 bench: build
 	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/allreduce.py -n 2
 
 clean:
 	rm -rf build pyparallel/_C*.so *.egg-info $(BUILD_STAMP)

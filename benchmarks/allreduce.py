@@ -19,8 +19,6 @@ import datetime
 import hashlib
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -28,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from netns import IFNAME, LinkEmulation, LinkEmulationError  # noqa: E402
+from launch import launch  # noqa: E402
 
 VARIANTS = ("gloo", "ring", "int8", "topk")
 
@@ -145,49 +143,6 @@ def worker(args) -> int:
     return 1 if total_wrong else 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(args, argv) -> int:
-    """Starts one process per rank (inside its namespace with --link-gbit) and waits for all of them."""
-    net = None
-    if args.link_gbit is not None:
-        try:
-            LinkEmulation.check()
-        except LinkEmulationError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        net = LinkEmulation(args.ranks, args.link_gbit)
-    base = [sys.executable, os.path.abspath(__file__)] + argv
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    procs = []
-    try:
-        if net is not None:
-            net.__enter__()
-            master, env["GLOO_SOCKET_IFNAME"] = f"{net.address(0)}:29500", IFNAME
-        else:
-            master, env["GLOO_SOCKET_IFNAME"] = f"127.0.0.1:{free_port()}", "lo"
-        for r in range(args.ranks):
-            prefix = net.command(r) if net is not None else []
-            cmd = prefix + base + ["--worker", "--rank", str(r), "--master", master, "--cmd", " ".join(["allreduce.py"] + argv)]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=None if r == 0 else subprocess.DEVNULL))
-        deadline = time.monotonic() + args.timeout * 4
-        codes = [p.wait(timeout=max(1, deadline - time.monotonic())) for p in procs]
-    except subprocess.TimeoutExpired:
-        print("error: the benchmark ranks did not finish in time", file=sys.stderr)
-        codes = [1]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        if net is not None:
-            net.close()
-    return max(codes)
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,14 +163,14 @@ def main(argv=None) -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--master", default="", help=argparse.SUPPRESS)
-    p.add_argument("--cmd", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for v in args.variants.split(","):
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     if args.worker:
+        args.cmd = " ".join(["benchmarks/allreduce.py"] + argv[: argv.index("--worker")])
         return worker(args)
-    return launch(args, argv)
+    return launch(__file__, argv, args.ranks, args.link_gbit, timeout_s=args.timeout * 4)
 
 
 if __name__ == "__main__":

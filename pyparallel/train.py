@@ -83,6 +83,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def build(args, device: torch.device):
+    """(model, wrapped model, hook state, optimizer) as configured by ``args``."""
+    model = make_model(args.hidden, args.layers, args.seed).to(device)
+    hook, make_state = HOOKS[args.hook]
+    state = make_state(args)
+    if args.ddp == "torch":
+        wrapped = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
+        wrapped.register_comm_hook(state, hook)
+    else:
+        wrapped = DataParallel(model, bucket_cap_mb=args.bucket_cap_mb, comm_hook=hook, hook_state=state)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    return model, wrapped, state, optimizer
+
+
 def _ckpt_path(prefix: str, rank: int) -> str:
     return f"{prefix}.rank{rank}.pt"
 
@@ -94,15 +108,7 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu")
     x_train, y_train, x_test, y_test = load_digits_split(args.seed)
-    model = make_model(args.hidden, args.layers, args.seed).to(device)
-    hook, make_state = HOOKS[args.hook]
-    state = make_state(args)
-    if args.ddp == "torch":
-        wrapped = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
-        wrapped.register_comm_hook(state, hook)
-    else:
-        wrapped = DataParallel(model, bucket_cap_mb=args.bucket_cap_mb, comm_hook=hook, hook_state=state)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    model, wrapped, state, optimizer = build(args, device)
     start_epoch, step = 0, 0
     if args.resume:
         ckpt = torch.load(_ckpt_path(args.resume, rank), weights_only=False)
