@@ -1,8 +1,9 @@
 """Pipeline step time, efficiency and activation memory: ours against torch.distributed.pipelining.
 
 Spawns its own ranks (Gloo on CPU, ``--threads`` intra-op threads each), one stage per rank, and times
-both implementations on the same model, batch and ranks, interleaved per micro-batch count so that a
-change in machine load hits both alike.
+both implementations on the same model, batch and ranks. Measurements are interleaved step by step: each
+round measures t_stage once and runs one step of every implementation, and every number is a median over
+rounds, so a change of the machine's speed (other jobs, clocks) moves all columns of a row alike.
 
     python benchmarks/pipeline.py                       # p=2, m=1..16, GPipe and 1F1B, ours and torch's
     python benchmarks/pipeline.py --json out.json
@@ -13,7 +14,7 @@ Definitions (p stages, m micro-batches of --microbatch-size samples each):
   rank at the same time, so the cores are as busy as in the pipeline; the largest over the stages. It is
   the pipeline's clock.
 - step time: from a barrier to the end of ``step`` (for ours: handshake, schedule, last sends), the
-  largest over the ranks, median over --steps steps after --warmup.
+  largest over the ranks; median over --steps rounds after --warmup rounds.
 - ideal(m) = m * t_stage, the step time with no bubble and free communication.
 - efficiency = ideal(m) / step time. A balanced GPipe or 1F1B step with free communication takes
   (m + p - 1) * t_stage, so efficiency cannot exceed the bound m / (m + p - 1) printed beside it.
@@ -40,6 +41,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from pyparallel.pipeline import DistributedPipeline, SavedActivationMeter, split_stages
 
 SCHEDULES = ("gpipe", "1f1b")
 REL_TOL = 1e-4  # fp32, sums regrouped by micro-batch: ~1e-6 expected
@@ -69,43 +73,70 @@ def batch(args, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, args.width, generator=gen), torch.randint(0, args.width, (n,), generator=gen)
 
 
-def stage_alone_time(module: nn.Module, args, first: bool, last: bool) -> float:
-    """Median seconds of one micro-batch's forward + backward on this stage, without communication."""
-    x = torch.randn(args.microbatch_size, args.width, requires_grad=not first)
-    target = torch.randint(0, args.width, (args.microbatch_size,))
-    grad_out = torch.randn(args.microbatch_size, args.width)
-    times = []
-    for k in range(args.warmup + 3 * args.steps):
-        module.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        y = module(x)
-        if last:
-            F.cross_entropy(y, target).backward()
-        else:
-            y.backward(grad_out)
-        if k >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def max_over_ranks(seconds: float) -> float:
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
 
-def timed_steps(step, zero_grad, args) -> float:
-    """Median over steps of the step time, the largest over the ranks."""
-    times = []
-    for k in range(args.warmup + args.steps):
-        zero_grad()
+class StageAlone:
+    """Forward + backward of one micro-batch on this rank's stage, without communication."""
+
+    def __init__(self, args, rank: int):
+        self.module = split_stages(build_model(args), n_stages=args.stages)[rank]
+        self.first, self.last = rank == 0, rank == args.stages - 1
+        self.x = torch.randn(args.microbatch_size, args.width, requires_grad=not self.first)
+        self.target = torch.randint(0, args.width, (args.microbatch_size,))
+        self.grad_out = torch.randn(args.microbatch_size, args.width)
+
+    def seconds(self, reps: int = 3) -> float:
+        """Median of ``reps`` runs on this rank, then the largest over the ranks (all measure at once)."""
+        times = []
         dist.barrier()
-        t0 = time.perf_counter()
-        step()
-        if k >= args.warmup:
+        for _ in range(reps):
+            self.module.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            y = self.module(self.x)
+            if self.last:
+                F.cross_entropy(y, self.target).backward()
+            else:
+                y.backward(self.grad_out)
             times.append(time.perf_counter() - t0)
-    per_step = torch.tensor(times, dtype=torch.float64)
-    dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
-    return statistics.median(per_step.tolist())
+        return max_over_ranks(statistics.median(times))
+
+
+def step_seconds(impl) -> float:
+    """One step from a barrier, the largest over the ranks."""
+    impl.module.zero_grad(set_to_none=True)
+    dist.barrier()
+    t0 = time.perf_counter()
+    impl.step()
+    return max_over_ranks(time.perf_counter() - t0)
+
+
+def measure_row(args, m: int, rank: int, alone: StageAlone) -> dict:
+    """Medians over rounds; each round measures t_stage once and steps every implementation once, so a drift
+    of the machine's speed during the row hits every column alike."""
+    impls = {f"{name}_{schedule}": cls(build_model(args), args, schedule, m, rank)
+             for schedule in SCHEDULES for name, cls in (("ours", Ours), ("torch", Torch))
+             if not (name == "torch" and schedule == "1f1b" and m < args.stages)}  # torch's 1F1B needs m >= p
+    samples = {key: [] for key in ["t_stage", *impls]}
+    for round_ in range(args.warmup + args.steps):
+        t_stage = alone.seconds()
+        times = {key: step_seconds(impl) for key, impl in impls.items()}
+        if round_ >= args.warmup:
+            samples["t_stage"].append(t_stage)
+            for key, t in times.items():
+                samples[key].append(t)
+    row = dict(m=m, torch_1f1b=None)
+    row.update({key: statistics.median(values) for key, values in samples.items()})
+    return row
 
 
 class Ours:
+    """pyparallel.pipeline.DistributedPipeline on this rank, with its batch."""
+
     def __init__(self, model, args, schedule, m, rank):
-        from pyparallel.pipeline import DistributedPipeline
         self.pipe = DistributedPipeline(model, F.cross_entropy, n_stages=args.stages, n_microbatches=m,
                                         schedule=schedule)
         self.module = self.pipe.module
@@ -116,9 +147,9 @@ class Ours:
 
 
 class Torch:
+    """torch.distributed.pipelining's PipelineStage and schedule on this rank, same split, same batch."""
+
     def __init__(self, model, args, schedule, m, rank):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-        from pyparallel.pipeline import split_stages
         self.module = split_stages(model, n_stages=args.stages)[rank]
         stage = PipelineStage(self.module, rank, args.stages, torch.device("cpu"))
         cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
@@ -133,7 +164,6 @@ class Torch:
 
 
 def peak_activation_bytes(impl) -> int:
-    from pyparallel.pipeline import SavedActivationMeter
     impl.module.zero_grad(set_to_none=True)
     with SavedActivationMeter([*impl.module.parameters(), impl.x, impl.y]) as meter:
         impl.step()
@@ -162,32 +192,11 @@ def rank_main(rank: int, args, store: str, results) -> None:
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=args.stages,
                             timeout=datetime.timedelta(seconds=120))
-    first, last = rank == 0, rank == args.stages - 1
-    out = dict(rank=rank)
-    out["check"] = check_against_unsplit(args, rank)
-    probe = Ours(build_model(args), args, "gpipe", 1, rank)
-    dist.barrier()
-    t_alone = torch.tensor([stage_alone_time(probe.module, args, first, last)], dtype=torch.float64)
-    per_stage = [torch.zeros(1, dtype=torch.float64) for _ in range(args.stages)]
-    dist.all_gather(per_stage, t_alone)
-    out["t_stage_each"] = [float(t) for t in per_stage]
-    rows = []
-    for m in args.microbatches:
-        row = dict(m=m)
-        for schedule in SCHEDULES:
-            for name, cls in (("ours", Ours), ("torch", Torch)):
-                if name == "torch" and schedule == "1f1b" and m < args.stages:
-                    row[f"{name}_{schedule}"] = None  # torch's Schedule1F1B requires m >= p
-                    continue
-                impl = cls(build_model(args), args, schedule, m, rank)
-                row[f"{name}_{schedule}"] = timed_steps(impl.step, lambda: impl.module.zero_grad(set_to_none=True), args)
-        rows.append(row)
-    out["rows"] = rows
-    memory = {}
-    for schedule in SCHEDULES:
-        for name, cls in (("ours", Ours), ("torch", Torch)):
-            memory[f"{name}_{schedule}"] = peak_activation_bytes(cls(build_model(args), args, schedule, args.memory_m, rank))
-    out["memory"] = memory
+    out = dict(rank=rank, check=check_against_unsplit(args, rank))
+    alone = StageAlone(args, rank)
+    out["rows"] = [measure_row(args, m, rank, alone) for m in args.microbatches]
+    out["memory"] = {f"{name}_{schedule}": peak_activation_bytes(cls(build_model(args), args, schedule, args.memory_m, rank))
+                     for schedule in SCHEDULES for name, cls in (("ours", Ours), ("torch", Torch))}
     results.put(out)
     dist.barrier()
     dist.destroy_process_group()
@@ -201,33 +210,31 @@ def fmt_eff(t: float | None, ideal: float) -> str:
     return f"{ideal / t:5.2f}" if t is not None else f"{'':>5}"
 
 
-def report(args, ranks: list[dict]) -> dict:
+def report(args, ranks: list[dict], load: tuple[str, str]) -> dict:
     p = args.stages
-    t_stage = max(ranks[0]["t_stage_each"])
     rows = ranks[0]["rows"]
-    print(f"# pipeline benchmark: p={p} ranks, Gloo on CPU, {args.threads} thread(s) each; torch {torch.__version__}")
+    print(f"# pipeline benchmark: p={p} ranks, Gloo on CPU ({os.cpu_count()} cores), {args.threads} thread(s) "
+          f"each; torch {torch.__version__}; load average before/after: {load[0]} / {load[1]}")
     print(f"# model: {p * args.layers_per_stage} x (Linear({args.width}, {args.width}) + ReLU), fp32, "
           f"{args.layers_per_stage} per stage; micro-batch {args.microbatch_size} samples; "
           f"median of {args.steps} steps after {args.warmup} warm-up")
-    print("# t_stage (fwd+bwd of one micro-batch, each stage alone): "
-          + ", ".join(f"stage {s} {t * 1e3:.2f} ms" for s, t in enumerate(ranks[0]["t_stage_each"]))
-          + f" -> {t_stage * 1e3:.2f} ms")
     for r in ranks:
         c = r["check"]
         loss = "" if c["loss_rel_err"] is None else f", loss rel err {c['loss_rel_err']:.1e}"
         print(f"# check stage {r['rank']} vs unsplit model (1f1b, m={args.memory_m}): grad rel err "
               f"{c['grad_rel_err']:.1e}{loss} -> {'ok' if c['ok'] else 'WRONG'}")
-    print("# step time in ms; eff = m * t_stage / step time; bound = m / (m + p - 1); x torch = ours / torch")
-    print(f"{'m':>3} {'bound':>6} | {'ours gpipe':>8} {'eff':>5} | {'ours 1f1b':>8} {'eff':>5} | "
+    print("# times in ms; t_stage = slowest stage's fwd+bwd of one micro-batch alone; eff = m * t_stage / step time;")
+    print("# bound = m / (m + p - 1); x torch = our step time / torch.distributed.pipelining's")
+    print(f"{'m':>3} {'t_stage':>7} {'bound':>6} | {'ours gpipe':>8} {'eff':>5} | {'ours 1f1b':>8} {'eff':>5} | "
           f"{'torch gpipe':>8} {'eff':>5} | {'torch 1f1b':>8} {'eff':>5} | {'x torch gpipe':>13} {'1f1b':>6}")
     for row in rows:
         m = row["m"]
-        ideal = m * t_stage
+        ideal = m * row["t_stage"]
         ratios = [row[f"ours_{s}"] / row[f"torch_{s}"] if row[f"torch_{s}"] else None for s in SCHEDULES]
         row.update(bound=m / (m + p - 1), **{f"eff_{k}": ideal / row[k] for k in
                                                ("ours_gpipe", "ours_1f1b", "torch_gpipe", "torch_1f1b") if row[k]},
                    ratio_gpipe=ratios[0], ratio_1f1b=ratios[1])
-        print(f"{m:>3} {row['bound']:6.3f} | " + " | ".join(
+        print(f"{m:>3} {row['t_stage'] * 1e3:7.2f} {row['bound']:6.3f} | " + " | ".join(
             f"{fmt_ms(row[k])} {fmt_eff(row[k], ideal)}" for k in ("ours_gpipe", "ours_1f1b", "torch_gpipe", "torch_1f1b"))
             + " | " + " ".join(f"{r:>12.2f}x" if r else f"{'n/a':>13}" for r in ratios))
     print(f"# peak saved activations per stage at m={args.memory_m} (KiB)")
@@ -239,7 +246,7 @@ def report(args, ranks: list[dict]) -> dict:
     targets = acceptance(args, rows, ranks)
     for line in targets["lines"]:
         print(line)
-    return dict(t_stage=t_stage, t_stage_each=ranks[0]["t_stage_each"], rows=rows,
+    return dict(load_average=load, rows=rows,
                 memory={r["rank"]: r["memory"] for r in ranks}, checks={r["rank"]: r["check"] for r in ranks},
                 targets=targets)
 
@@ -268,18 +275,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", type=int, default=2, help="pipeline stages = ranks (p)")
     p.add_argument("--microbatches", type=parse_range, default=parse_range("1-16"), help='m values, e.g. "1-16" or "2,8"')
-    p.add_argument("--microbatch-size", type=int, default=32)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--microbatch-size", type=int, default=128)
+    p.add_argument("--width", type=int, default=512)
     p.add_argument("--layers-per-stage", type=int, default=4, help="Linear+ReLU blocks per stage")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--memory-m", type=int, default=8, help="m for the memory table, the check and the targets")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--quick", action="store_true", help="m in {1, 8}, width 256, 3 steps (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="m in {1, 8}, width 256, 2 steps (a smoke run)")
     args = p.parse_args(argv)
     if args.quick:
-        args.microbatches, args.width, args.steps, args.warmup = [1, 8], 256, 3, 1
+        args.microbatches, args.width, args.steps, args.warmup = [1, 8], 256, 2, 1
+    load_before = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory(prefix="pyparallel-bench-") as tmp:
@@ -293,7 +301,8 @@ def main(argv=None) -> int:
             print(f"# a rank failed: exit codes {[proc.exitcode for proc in procs]}", file=sys.stderr)
             return 2
     ranks = sorted((results.get() for _ in range(args.stages)), key=lambda r: r["rank"])
-    summary = report(args, ranks)
+    load_after = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
+    summary = report(args, ranks, (load_before, load_after))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args={k: v for k, v in vars(args).items() if k != "json"}, torch=torch.__version__,
