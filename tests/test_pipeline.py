@@ -267,6 +267,27 @@ def test_distributed_equals_unsplit(dist_pool, schedule, n_stages):
     dist_pool(n_stages).run(_parity_cases, random.randrange(2**20), schedule, n_stages, timeout=TIMEOUT)
 
 
+def _frozen_first_stage(seed):
+    """Stage 0 frozen (as with frozen embeddings): no gradients there, stage 1's still exact."""
+    full, reference = _model(seed), _model(seed)
+    for model in (full, reference):
+        for p in model[:3].parameters():
+            p.requires_grad_(False)
+    pipe = DistributedPipeline(full, F.cross_entropy, balance=[3, 4], n_microbatches=3)
+    x, y = _data(seed, 9)
+    pipe.step(x, y)
+    F.cross_entropy(reference(x), y).backward()
+    for (name, p), p_ref in zip(full.named_parameters(), reference.parameters()):
+        if p_ref.grad is None:
+            assert p.grad is None, name
+        elif id(p) in {id(q) for q in pipe.parameters()}:
+            torch.testing.assert_close(p.grad, p_ref.grad, **F64, msg=name)
+
+
+def test_distributed_frozen_first_stage(dist_pool):
+    dist_pool(2).run(_frozen_first_stage, random.randrange(2**20), timeout=TIMEOUT)
+
+
 def _expect_pipeline_error(match, step_inputs, step_targets, layers=None, **kwargs):
     pipe = DistributedPipeline(layers or _model(0), F.cross_entropy, **kwargs)
     with pytest.raises(PipelineError, match=match):

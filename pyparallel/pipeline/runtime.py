@@ -56,7 +56,9 @@ def run_stage(module: nn.Module, actions: list[Action], plan: StepPlan, grid: Pr
                 pending[i] = y
                 transfers.send(y.detach(), grid.next_rank)
         else:
-            torch.autograd.backward(pending.pop(i), grad_tensors=received)
+            out = pending.pop(i)
+            if out.requires_grad:  # False on a frozen first stage: nothing to differentiate, nothing to send
+                torch.autograd.backward(out, grad_tensors=received)
             if not grid.is_first:
                 x = stage_inputs.pop(i)
                 transfers.send(x.grad if x.grad is not None else torch.zeros_like(x), grid.prev_rank)
