@@ -46,6 +46,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from pyparallel.pipeline import DistributedPipeline, SavedActivationMeter, split_stages
 
 SCHEDULES = ("gpipe", "1f1b")
+IMPLS = ("ours_gpipe", "ours_1f1b", "torch_gpipe", "torch_1f1b")  # the table's columns
 REL_TOL = 1e-4  # fp32, sums regrouped by micro-batch: ~1e-6 expected
 
 
@@ -195,7 +196,8 @@ def rank_main(rank: int, args, store: str, results) -> None:
     out = dict(rank=rank, check=check_against_unsplit(args, rank))
     alone = StageAlone(args, rank)
     out["rows"] = [measure_row(args, m, rank, alone) for m in args.microbatches]
-    out["memory"] = {f"{name}_{schedule}": peak_activation_bytes(cls(build_model(args), args, schedule, args.memory_m, rank))
+    out["memory"] = {f"{name}_{schedule}": peak_activation_bytes(cls(build_model(args), args, schedule,
+                                                                      args.memory_m, rank))
                      for schedule in SCHEDULES for name, cls in (("ours", Ours), ("torch", Torch))}
     results.put(out)
     dist.barrier()
@@ -206,8 +208,21 @@ def fmt_ms(t: float | None) -> str:
     return f"{t * 1e3:8.1f}" if t is not None else f"{'n/a':>8}"
 
 
-def fmt_eff(t: float | None, ideal: float) -> str:
-    return f"{ideal / t:5.2f}" if t is not None else f"{'':>5}"
+def fmt_eff(eff: float | None) -> str:
+    return f"{eff:5.2f}" if eff is not None else f"{'':>5}"
+
+
+def fmt_ratio(ratio: float | None, width: int) -> str:
+    return f"{ratio:>{width}.2f}x" if ratio is not None else f"{'n/a':>{width + 1}}"
+
+
+def derive(row: dict, p: int) -> None:
+    """Adds the bound, the efficiencies and the ours / torch ratios to a row of medians."""
+    ideal = row["m"] * row["t_stage"]
+    row["bound"] = row["m"] / (row["m"] + p - 1)
+    row.update({f"eff_{k}": ideal / row[k] for k in IMPLS if row[k] is not None})
+    row.update({f"ratio_{s}": row[f"ours_{s}"] / row[f"torch_{s}"] if row[f"torch_{s}"] is not None else None
+                for s in SCHEDULES})
 
 
 def report(args, ranks: list[dict], load: tuple[str, str]) -> dict:
@@ -217,7 +232,7 @@ def report(args, ranks: list[dict], load: tuple[str, str]) -> dict:
           f"each; torch {torch.__version__}; load average before/after: {load[0]} / {load[1]}")
     print(f"# model: {p * args.layers_per_stage} x (Linear({args.width}, {args.width}) + ReLU), fp32, "
           f"{args.layers_per_stage} per stage; micro-batch {args.microbatch_size} samples; "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+          f"medians of {args.steps} rounds after {args.warmup} warm-up rounds")
     for r in ranks:
         c = r["check"]
         loss = "" if c["loss_rel_err"] is None else f", loss rel err {c['loss_rel_err']:.1e}"
@@ -228,15 +243,10 @@ def report(args, ranks: list[dict], load: tuple[str, str]) -> dict:
     print(f"{'m':>3} {'t_stage':>7} {'bound':>6} | {'ours gpipe':>8} {'eff':>5} | {'ours 1f1b':>8} {'eff':>5} | "
           f"{'torch gpipe':>8} {'eff':>5} | {'torch 1f1b':>8} {'eff':>5} | {'x torch gpipe':>13} {'1f1b':>6}")
     for row in rows:
-        m = row["m"]
-        ideal = m * row["t_stage"]
-        ratios = [row[f"ours_{s}"] / row[f"torch_{s}"] if row[f"torch_{s}"] else None for s in SCHEDULES]
-        row.update(bound=m / (m + p - 1), **{f"eff_{k}": ideal / row[k] for k in
-                                               ("ours_gpipe", "ours_1f1b", "torch_gpipe", "torch_1f1b") if row[k]},
-                   ratio_gpipe=ratios[0], ratio_1f1b=ratios[1])
-        print(f"{m:>3} {row['t_stage'] * 1e3:7.2f} {row['bound']:6.3f} | " + " | ".join(
-            f"{fmt_ms(row[k])} {fmt_eff(row[k], ideal)}" for k in ("ours_gpipe", "ours_1f1b", "torch_gpipe", "torch_1f1b"))
-            + " | " + " ".join(f"{r:>12.2f}x" if r else f"{'n/a':>13}" for r in ratios))
+        derive(row, p)
+        print(f"{row['m']:>3} {row['t_stage'] * 1e3:7.2f} {row['bound']:6.3f} | "
+              + " | ".join(f"{fmt_ms(row[k])} {fmt_eff(row.get(f'eff_{k}'))}" for k in IMPLS) + " | "
+              + " ".join(fmt_ratio(row[f"ratio_{s}"], 12) for s in SCHEDULES))
     print(f"# peak saved activations per stage at m={args.memory_m} (KiB)")
     print(f"{'stage':>5} | {'ours gpipe':>10} {'ours 1f1b':>10} | {'torch gpipe':>11} {'torch 1f1b':>11}")
     for r in ranks:
@@ -263,7 +273,7 @@ def acceptance(args, rows: list[dict], ranks: list[dict]) -> dict:
                          f"{0.85 * row['bound']:.3f}: {'PASS' if passed[f'efficiency_{s}'] else 'FAIL'}")
             ratio = row[f"ratio_{s}"]
             passed[f"vs_torch_{s}"] = ratio is not None and ratio <= 1.1
-            lines.append(f"# target p={args.stages} m={m} {s}: step time {ratio:.2f}x torch's <= 1.1x: "
+            lines.append(f"# target p={args.stages} m={m} {s}: step time {fmt_ratio(ratio, 0)} torch's <= 1.1x: "
                          f"{'PASS' if passed[f'vs_torch_{s}'] else 'FAIL'}")
     lower = all(r["memory"]["ours_1f1b"] < r["memory"]["ours_gpipe"] for r in ranks)
     passed["memory_1f1b_below_gpipe"] = lower
@@ -274,7 +284,8 @@ def acceptance(args, rows: list[dict], ranks: list[dict]) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", type=int, default=2, help="pipeline stages = ranks (p)")
-    p.add_argument("--microbatches", type=parse_range, default=parse_range("1-16"), help='m values, e.g. "1-16" or "2,8"')
+    p.add_argument("--microbatches", type=parse_range, default=parse_range("1-16"),
+                   help='m values, e.g. "1-16" or "2,8"')
     p.add_argument("--microbatch-size", type=int, default=128)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--layers-per-stage", type=int, default=4, help="Linear+ReLU blocks per stage")

@@ -208,7 +208,8 @@ def test_local_pipeline_cpu_equals_unsplit(n_microbatches, batch):
 
 
 CUDA_DEVICE_PAIRS = [
-    pytest.param(pair, marks=pytest.mark.skipif(torch.cuda.device_count() < need, reason=f"needs {need} CUDA device(s)"))
+    pytest.param(pair, marks=pytest.mark.skipif(torch.cuda.device_count() < need,
+                                                reason=f"needs {need} CUDA device(s)"))
     for pair, need in [(("cuda:0", "cuda:0"), 1), (("cpu", "cuda:0"), 1), (("cuda:0", "cpu"), 1),
                        (("cuda:0", "cuda:1"), 2)]
 ]
@@ -368,7 +369,8 @@ def int8_allgather_hook(group, bucket):
     q, scales = ops.quantize_int8(bucket.buffer())
     n = dist.get_world_size(group)
     qs, ss = [torch.empty_like(q) for _ in range(n)], [torch.empty_like(scales) for _ in range(n)]
-    works = [dist.all_gather(qs, q, group=group, async_op=True), dist.all_gather(ss, scales, group=group, async_op=True)]
+    works = [dist.all_gather(qs, q, group=group, async_op=True),
+             dist.all_gather(ss, scales, group=group, async_op=True)]
 
     def average(_):
         acc = torch.zeros_like(bucket.buffer(), dtype=torch.float32)

@@ -171,7 +171,8 @@ class StepHandshake:
                 return (f"{self.name}: loss_fn failed on an output of {out_spec} and targets of {pair[1]}: "
                         f"{type(exc).__name__}: {exc}")
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                return f"{self.name}: loss_fn must return a one-element tensor (a micro-batch's mean loss), got {loss!r}"
+                return (f"{self.name}: loss_fn must return a one-element tensor (a micro-batch's mean loss), "
+                        f"got {loss!r}")
             _remember(self._losses_checked, pair, None)
         return None
 
