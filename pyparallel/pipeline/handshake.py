@@ -53,9 +53,6 @@ class Spec(NamedTuple):
     def of(tensor: torch.Tensor) -> Spec:
         return Spec(tuple(tensor.shape), tensor.dtype)
 
-    def empty(self, device: torch.device) -> torch.Tensor:
-        return torch.empty(self.shape, dtype=self.dtype, device=device)
-
     def zeros(self, device: torch.device) -> torch.Tensor:
         return torch.zeros(self.shape, dtype=self.dtype, device=device)
 

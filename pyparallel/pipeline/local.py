@@ -9,7 +9,9 @@ j's stream and task (i, j + 1) makes its own stream wait for exactly that event 
 also wait for micro-batch i + 1, which may already be queued on stage j, and serialise the pipeline).
 A tensor made on one stream and read on another is ``record_stream``-ed to the reader, so the caching
 allocator does not hand its memory out again before the reader is done. Backward needs nothing of ours:
-autograd runs each backward op on the stream of its forward op and synchronises across streams itself.
+autograd runs each backward op on the stream of its forward op, makes a consumer wait for the producer of
+each gradient and record_streams gradients that cross streams (torch/csrc/autograd/input_buffer.cpp;
+pytorch#151079).
 """
 
 from __future__ import annotations
