@@ -2,7 +2,7 @@
 
 Rows per size: ``gloo`` (torch.distributed.all_reduce on Gloo), ``ring`` (our fp32 ring), ``int8`` (our
 int8-compressed ring) and ``topk`` (1% top-k with error feedback, sparse all-gather). For each, the
-slowest rank's average time per call, algbw = size / time (size: the fp32 tensor's bytes, so compressed
+time per call of the slowest rank (median of --rounds rounds of --iters back-to-back calls), algbw = size / time (size: the fp32 tensor's bytes, so compressed
 variants show their effective bandwidth) and busbw = algbw * 2(n-1)/n. ``#wrong`` counts elements
 that fail the check: exact ring order for ``ring`` (bitwise, pyparallel.reference), the fp32
 reassociation bound for ``gloo``, the stated error bound for ``int8``, the reference top-k for ``topk``
@@ -53,7 +53,7 @@ def digest(t: torch.Tensor) -> int:
     return int.from_bytes(hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).digest()[:7], "little")
 
 
-def make_variant(name: str, x: torch.Tensor, ratio: float):
+def make_variant(name: str, x: torch.Tensor, ratio: float, verify: bool):
     """Returns (run(t), check(t, xs) -> #wrong) for one variant."""
     import pyparallel
     from pyparallel import reference as ref
@@ -65,19 +65,19 @@ def make_variant(name: str, x: torch.Tensor, ratio: float):
             return int(((t.double() - sum(v.double() for v in xs)).abs() > bound).sum())
         return (lambda t: dist.all_reduce(t)), check
     if name == "ring":
-        return (lambda t: pyparallel.all_reduce(t)), (lambda t, xs: int((t != ref.ring_all_reduce(xs)).sum()))
+        return (lambda t: pyparallel.all_reduce(t, verify=verify)), (lambda t, xs: int((t != ref.ring_all_reduce(xs)).sum()))
     if name == "int8":
         def check(t, xs):
             err = (t.double() - sum(v.double() for v in xs)).abs()
             return int((err > ref.int8_ring_error_bound(xs) + 1e-6 * err.abs()).sum())
-        return (lambda t: pyparallel.all_reduce(t, compression="int8")), check
+        return (lambda t: pyparallel.all_reduce(t, compression="int8", verify=verify)), check
     residual = torch.zeros_like(x)
     k = max(1, round(x.numel() * ratio))
 
     def check(t, xs):
         expect = ref.topk_all_reduce(xs, k, [torch.zeros_like(v) for v in xs])
         return int((t != expect).sum())
-    return (lambda t: pyparallel.all_reduce(t, compression=pyparallel.Topk(k=k, residual=residual))), check
+    return (lambda t: pyparallel.all_reduce(t, compression=pyparallel.Topk(k=k, residual=residual), verify=verify)), check
 
 
 def worker(args) -> int:
@@ -94,28 +94,38 @@ def worker(args) -> int:
     for size in sizes(args):
         count = size // 4
         xs = inputs(count, n, args.seed + size)
+        runs, wrongs = {}, {}
         for name in args.variants.split(","):
             t = xs[rank].clone()
-            run, check = make_variant(name, t, args.ratio)
-            run(t)
-            if count <= args.check_max or name in ("gloo", "ring", "int8"):
-                wrong = check(t, xs)
+            run, check = make_variant(name, t, args.ratio, args.verify)
+            if name != "gloo":  # the first call always checks that the ranks agree, as the hooks do
+                make_variant(name, t, args.ratio, True)[0](t)
             else:
-                wrong = 0
+                run(t)
+            wrong = check(t, xs) if count <= args.check_max or name in ("gloo", "ring", "int8") else 0
             if name != "gloo":  # our collectives promise the same bits on every rank
                 digests = [None] * n
                 dist.all_gather_object(digests, digest(t))
                 wrong += sum(d != digests[0] for d in digests) * count
             for _ in range(args.warmup):
                 run(t)
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                run(t)
-            elapsed = torch.tensor([(time.perf_counter() - t0) / args.iters, float(wrong)], dtype=torch.float64)
-            dist.all_reduce(elapsed[:1], op=dist.ReduceOp.MAX)
-            dist.all_reduce(elapsed[1:], op=dist.ReduceOp.SUM)
-            seconds, wrong = elapsed[0].item(), int(elapsed[1].item())
+            runs[name] = (run, t)
+            wrongs[name] = wrong
+        # As nccl-tests: back-to-back calls, time per call averaged over a round. Rounds of the variants
+        # alternate and the median round is reported, so a busy 2-core machine's drift hits all alike.
+        times = torch.empty(len(runs), args.rounds, dtype=torch.float64)
+        for rnd in range(args.rounds):
+            for v, (run, t) in enumerate(runs.values()):
+                dist.barrier()
+                t0 = time.perf_counter()
+                for _ in range(args.iters):
+                    run(t)
+                times[v, rnd] = (time.perf_counter() - t0) / args.iters
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)  # per round, the slowest rank
+        counts = torch.tensor(list(wrongs.values()), dtype=torch.float64)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        for v, name in enumerate(runs):
+            seconds, wrong = times[v].median().item(), int(counts[v].item())
             total_wrong += wrong
             algbw = size / seconds / 1e9
             row = dict(size=size, count=count, type="float", redop="sum", variant=name, time_us=seconds * 1e6,
@@ -124,7 +134,6 @@ def worker(args) -> int:
             if rank == 0:
                 print(f"  {size:>10} {count:>10} {'float':>6} {'sum':>5} {name:>8} {row['time_us']:>11.1f} "
                       f"{algbw:>11.3f} {row['busbw']:>11.3f} {wrong:>7}", flush=True)
-            dist.barrier()
     if rank == 0:
         by_size = {}
         for row in rows:
@@ -135,7 +144,7 @@ def worker(args) -> int:
                 print(f"#   {size:>10} B: " + ", ".join(f"{v} {times['gloo'] / t:.2f}x" for v, t in times.items() if v != "gloo"))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(ranks=n, link_gbit=args.link_gbit, threads=args.threads, rows=rows,
+                json.dump(dict(ranks=n, link_gbit=args.link_gbit, threads=args.threads, verify=args.verify, rows=rows,
                                wrong=total_wrong, cmd=args.cmd), f, indent=2)
         print(f"# ranks {n}, link {'loopback' if args.link_gbit is None else f'{args.link_gbit} Gbit/s (tbf)'}, "
               f"out of bounds: {total_wrong}")
@@ -151,12 +160,16 @@ def main(argv=None) -> int:
     p.add_argument("-e", "--end", default="64M", help="largest size in bytes")
     p.add_argument("-f", "--factor", type=int, default=4, help="size multiplier between rows")
     p.add_argument("-w", "--warmup", type=int, default=2)
-    p.add_argument("-i", "--iters", type=int, default=5)
+    p.add_argument("-i", "--iters", type=int, default=5, help="calls per timed round")
+    p.add_argument("-r", "--rounds", type=int, default=5, help="timed rounds (the median is reported)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
     p.add_argument("--ratio", type=float, default=0.01, help="top-k ratio")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--link-gbit", type=float, default=None, help="emulate links of this many Gbit/s (root)")
     p.add_argument("--check-max", type=int, default=4 << 20, help="largest count checked against the top-k reference")
+    p.add_argument("--verify", action="store_true",
+                   help="check the ranks' headers on every call (one small all-gather each); by default only the "
+                        "first call checks, as the hooks do once per bucket layout")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--timeout", type=float, default=600, help="process-group timeout, seconds")
     p.add_argument("--json", metavar="PATH")

@@ -172,11 +172,10 @@ def int8_ring_error_bound(inputs: list[torch.Tensor], block_size: int = 256) -> 
 
 
 def topk_all_reduce(inputs: list[torch.Tensor], k: int, residuals: list | None = None, average: bool = False):
-    """Each rank's top-k (with its residual), decoded by index_add_ in rank order; updates the residuals."""
+    """Each rank's top-k (with its residual), decoded by index_add_ in rank order (an average adds
+    values / n); updates the residuals."""
     out = torch.zeros_like(inputs[0]).reshape(-1)
     for r, x in enumerate(inputs):
         values, indices = topk_compress(x, k, residuals[r] if residuals else None)
-        out.index_add_(0, indices, values)
-    if average:
-        out = out / len(inputs)
+        out.index_add_(0, indices, values / len(inputs) if average else values)
     return out.view(inputs[0].shape)

@@ -11,6 +11,7 @@ namespace pyparallel {
 namespace {
 
 constexpr int64_t kDenseAlign = 16;  // elements: chunk starts stay 64-byte aligned for fp32
+constexpr int64_t kRecvBuffers = 3;  // reduce-scatter receive buffers: two ops may run ahead of the reduction
 
 enum Kind : int64_t { kDense = 0, kInt8 = 1 };
 
@@ -49,35 +50,36 @@ int64_t ring_all_reduce(at::Tensor& tensor, const std::string& group, bool avera
   const Partition part(flat.numel(), n, kDenseAlign, segment_bytes / esize, esize);
   const int64_t J = part.segments(), ops = (n - 1) * J;
   auto seg = [&](int64_t c, int64_t j) { return flat.slice(0, part.begin(mod(c, n), j), part.end(mod(c, n), j)); };
-  at::Tensor tmp = at::empty({2, part.max_segment()}, flat.options());
-  std::vector<size_t> ids(ops);
+  at::Tensor tmp = at::empty({kRecvBuffers, part.max_segment()}, flat.options());
+  std::vector<size_t> ids(2 * ops);
 
+  // One schedule for both phases (Note [Ring schedule]): ops [0, ops) reduce-scatter, [ops, 2 ops)
+  // all-gather. An all-gather receive overwrites the slice that reduce-scatter op s*J + j sent, so that
+  // one send must be complete first (it nearly always is by then).
   ring_schedule(
-      ops, J, /*max_ahead=*/1,
-      [&](int64_t i) {
-        const int64_t s = i / J, j = i % J;
-        ids[i] = ring.post(seg(r - s, j), tmp[i % 2].slice(0, 0, seg(r - s - 1, j).numel()), i);
+      2 * ops, J, /*max_ahead=*/kRecvBuffers - 1,
+      [&](int64_t p) {
+        if (p < ops) {
+          const int64_t s = p / J, j = p % J;
+          ids[p] = ring.post(seg(r - s, j), tmp[p % kRecvBuffers].slice(0, 0, seg(r - s - 1, j).numel()), p);
+        } else {
+          const int64_t s = (p - ops) / J, j = (p - ops) % J;
+          ring.wait(ids[s * J + j]);
+          ids[p] = ring.post(seg(r + 1 - s, j), seg(r - s, j), p);
+        }
       },
-      [&](int64_t i) {
-        const int64_t s = i / J, j = i % J;
-        ring.wait_recv(ids[i]);
+      [&](int64_t p) {
+        ring.wait_recv(ids[p]);
+        if (p >= ops) return;
+        const int64_t s = p / J, j = p % J;
         at::Tensor dst = seg(r - s - 1, j);
-        const at::Tensor got = tmp[i % 2].slice(0, 0, dst.numel());
+        const at::Tensor got = tmp[p % kRecvBuffers].slice(0, 0, dst.numel());
         if (average && s == n - 2) {
           add_and_average(dst, got, n);
         } else {
           dst.add_(got);
         }
       });
-  ring.finish();  // the all-gather overwrites slices that were being sent
-
-  ring_schedule(
-      ops, J, /*max_ahead=*/J,
-      [&](int64_t i) {
-        const int64_t s = i / J, j = i % J;
-        ids[i] = ring.post(seg(r + 1 - s, j), seg(r - s, j), ops + i);
-      },
-      [&](int64_t i) { ring.wait_recv(ids[i]); });
   ring.finish();
 
   if (!tensor.is_contiguous()) tensor.copy_(flat.view(tensor.sizes()));
@@ -140,44 +142,43 @@ int64_t ring_all_reduce_int8(at::Tensor& tensor, const std::string& group, bool 
     at::Tensor out = x_of(c, j);
     dequantize_into(out, q_of(c, j), s_of(c, j), block_size);
   };
-  at::Tensor tq = at::empty({2, part.max_segment()}, gq.options());
-  at::Tensor ts = at::empty({2, ceil_div(part.max_segment(), block_size)}, gs.options());
-  std::vector<std::pair<size_t, size_t>> ids(ops);
+  at::Tensor tq = at::empty({kRecvBuffers, part.max_segment()}, gq.options());
+  at::Tensor ts = at::empty({kRecvBuffers, ceil_div(part.max_segment(), block_size)}, gs.options());
+  std::vector<std::pair<size_t, size_t>> ids(2 * ops);
 
+  // Both phases in one schedule, as in the dense ring.
   ring_schedule(
-      ops, J, /*max_ahead=*/1,
-      [&](int64_t i) {
-        const int64_t s = i / J, j = i % J;
-        if (s == 0) {
-          at::Tensor q = q_of(r, j), sc = s_of(r, j);
-          quantize_into(q, sc, x_of(r, j), block_size, std::nullopt, std::nullopt, 1.0);
+      2 * ops, J, /*max_ahead=*/kRecvBuffers - 1,
+      [&](int64_t p) {
+        if (p < ops) {
+          const int64_t s = p / J, j = p % J, b = p % kRecvBuffers;
+          if (s == 0) {
+            at::Tensor q = q_of(r, j), sc = s_of(r, j);
+            quantize_into(q, sc, x_of(r, j), block_size, std::nullopt, std::nullopt, 1.0);
+          }
+          const int64_t recv_q = q_of(r - s - 1, j).numel(), recv_s = s_of(r - s - 1, j).numel();
+          ids[p] = {ring.post(q_of(r - s, j), tq[b].slice(0, 0, recv_q), 2 * p),
+                    ring.post(s_of(r - s, j), ts[b].slice(0, 0, recv_s), 2 * p + 1)};
+        } else {
+          const int64_t s = (p - ops) / J, j = (p - ops) % J;
+          ring.wait(ids[s * J + j].first);  // the slices received into were sent by reduce-scatter op s*J + j
+          ring.wait(ids[s * J + j].second);
+          ids[p] = {ring.post(q_of(r + 1 - s, j), q_of(r - s, j), 2 * p),
+                    ring.post(s_of(r + 1 - s, j), s_of(r - s, j), 2 * p + 1)};
         }
-        const int64_t recv_q = q_of(r - s - 1, j).numel(), recv_s = s_of(r - s - 1, j).numel();
-        ids[i] = {ring.post(q_of(r - s, j), tq[i % 2].slice(0, 0, recv_q), 2 * i),
-                  ring.post(s_of(r - s, j), ts[i % 2].slice(0, 0, recv_s), 2 * i + 1)};
       },
-      [&](int64_t i) {
-        const int64_t s = i / J, j = i % J;
-        ring.wait_recv(ids[i].first);
-        ring.wait_recv(ids[i].second);
+      [&](int64_t p) {
+        ring.wait_recv(ids[p].first);
+        ring.wait_recv(ids[p].second);
+        if (p >= ops) {
+          decode(r - (p - ops) / J, (p - ops) % J);
+          return;
+        }
+        const int64_t s = p / J, j = p % J, b = p % kRecvBuffers;
         at::Tensor q = q_of(r - s - 1, j), sc = s_of(r - s - 1, j);
-        quantize_into(q, sc, x_of(r - s - 1, j), block_size, tq[i % 2].slice(0, 0, q.numel()),
-                      ts[i % 2].slice(0, 0, sc.numel()), average && s == n - 2 ? n : 1.0);
-      });
-  ring.finish();
-  for (int64_t j = 0; j < J; ++j) decode(r + 1, j);  // this rank's finished chunk
-
-  ring_schedule(
-      ops, J, /*max_ahead=*/J,
-      [&](int64_t i) {
-        const int64_t s = i / J, j = i % J;
-        ids[i] = {ring.post(q_of(r + 1 - s, j), q_of(r - s, j), 2 * (ops + i)),
-                  ring.post(s_of(r + 1 - s, j), s_of(r - s, j), 2 * (ops + i) + 1)};
-      },
-      [&](int64_t i) {
-        ring.wait_recv(ids[i].first);
-        ring.wait_recv(ids[i].second);
-        decode(r - i / J, i % J);
+        quantize_into(q, sc, x_of(r - s - 1, j), block_size, tq[b].slice(0, 0, q.numel()),
+                      ts[b].slice(0, 0, sc.numel()), average && s == n - 2 ? n : 1.0);
+        if (s == n - 2) decode(r - s - 1, j);  // this rank's finished chunk: its input is no longer needed
       });
   ring.finish();
 

@@ -1,6 +1,7 @@
 // Top-k all-reduce: every rank compresses its tensor to k (value, index) pairs, the pairs travel by a
 // ring all-gather (they cannot be summed on the way: the index sets differ), and every rank decodes
-// all n payloads with a scatter-add in rank order, so every rank computes the same bits.
+// all n payloads with a scatter-add in rank order, so every rank computes the same bits. An average is
+// sum_q (values_q / n): only the sent values are divided, never the dense tensor.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -72,8 +73,11 @@ int64_t topk_all_reduce(at::Tensor& tensor, const std::string& group, int64_t k,
   } else {
     out.zero_();
   }
-  for (int q = 0; q < n; ++q) scatter_add(out, index_part(q), value_part(q));  // rank order on every rank
-  if (average) out.div_(n);
+  for (int q = 0; q < n; ++q) {  // rank order on every rank; an average divides the k values, not the tensor
+    at::Tensor values_q = value_part(q);
+    if (average) values_q.div_(n);
+    scatter_add(out, index_part(q), values_q);
+  }
   if (!tensor.is_contiguous()) tensor.copy_(out.view(tensor.sizes()));
   return ring.bytes_sent();
 }

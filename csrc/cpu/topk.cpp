@@ -13,11 +13,12 @@
 //
 // CPU algorithm, in fixed chunks (the result does not depend on how they are split):
 //   0. keys of a strided sample of y give a bracket [lo, hi] that very likely holds T;
-//   1. (y = r + x,) count keys > hi and keys >= lo: compares and adds only, so the loop vectorizes.
-//      If the bracket misses T (#{> hi} >= k or #{>= lo} < k), it widens to all keys: slower, still exact;
-//   2. indices with key > hi are selected; those inside the bracket are candidates -> nth_element on
-//      the candidates' keys gives T and the ties to take; each chunk then merges its two index-ordered
-//      lists into its slice of the output (chunk offsets are prefix sums of the per-chunk counts).
+//   1. one pass: (y = r + x written to r,) keys, and every index with key > hi is selected and every
+//      index inside the bracket is a candidate. The list sizes then tell whether the bracket held T
+//      (#{> hi} < k <= #{>= lo}); if not, a second pass collects every index as a candidate: slower,
+//      still exact;
+//   2. nth_element on the candidates' keys gives T and the ties to take; each chunk then merges its two
+//      index-ordered lists into its slice of the output (offsets are prefix sums of per-chunk counts).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -38,7 +39,7 @@ namespace {
 
 constexpr int64_t kTopkChunk = 1 << 18;  // 256K elements: enough chunks for the threads
 constexpr int64_t kKeyBlock = 2048;      // keys are materialized this many at a time
-constexpr int64_t kSampleTarget = 1 << 14;
+constexpr int64_t kSampleTarget = 1 << 16;
 constexpr int32_t kMaxKey = 0x7fffffff;
 
 template <typename T>
@@ -49,70 +50,44 @@ inline int32_t magnitude_key(T v) {
   return u & kMaxKey;  // |f|'s bits: integer order is magnitude order, NaN above Inf
 }
 
-PYPARALLEL_VECTORIZE void float_keys(const float* v, int64_t n, int32_t* keys) {
-  for (int64_t i = 0; i < n; ++i) {
-    int32_t u;
-    std::memcpy(&u, v + i, sizeof(u));
-    keys[i] = u & kMaxKey;
-  }
-}
-
-// Pass 1 for fp32, one fused loop: (r = r + x,) then count keys > hi and keys >= lo.
+// fp32 keys of v[0, n), with r = r + x first when kAdd (then v is r).
 template <bool kAdd>
-PYPARALLEL_VECTORIZE void count_bracket_floats(float* r, const float* x, int64_t n, int32_t lo, int32_t hi,
-                                               int64_t& above, int64_t& at_least_lo) {
-  int64_t a = 0, b = 0;
+PYPARALLEL_VECTORIZE void float_keys(float* r, const float* x, int64_t n, int32_t* keys) {
   for (int64_t i = 0; i < n; ++i) {
     float v = x[i];
     if constexpr (kAdd) {
       v = r[i] + v;
       r[i] = v;
     }
-    int32_t key;
-    std::memcpy(&key, &v, sizeof(key));
-    key &= kMaxKey;
-    a += key > hi;
-    b += key >= lo;
+    int32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    keys[i] = u & kMaxKey;
   }
-  above += a;
-  at_least_lo += b;
 }
 
 // Keys of y[lo, lo + n) into keys (n <= kKeyBlock); with update_residual, first r = r + x (= y).
 template <typename T>
 void chunk_keys(const T* x, T* r, int64_t lo, int64_t n, int32_t* keys, bool update_residual) {
-  const T* y = r != nullptr ? r : x;
-  for (int64_t i = 0; i < n; ++i) {
-    if (update_residual) r[lo + i] = r[lo + i] + x[lo + i];
-    keys[i] = magnitude_key(y[lo + i]);
-  }
-}
-
-// Pass 1 over y[lo, lo + n): counts keys > khi and keys >= klo (and updates the residual).
-template <typename T>
-void pass_one(const T* x, T* r, int64_t lo, int64_t n, int32_t klo, int32_t khi, int32_t* keys, int64_t& above,
-              int64_t& at_least_lo) {
   if constexpr (std::is_same_v<T, float>) {
-    if (r != nullptr) {
-      count_bracket_floats<true>(r + lo, x + lo, n, klo, khi, above, at_least_lo);
+    if (update_residual) {
+      float_keys<true>(r + lo, x + lo, n, keys);
     } else {
-      count_bracket_floats<false>(nullptr, x + lo, n, klo, khi, above, at_least_lo);
+      float_keys<false>(nullptr, (r != nullptr ? r : x) + lo, n, keys);
     }
   } else {
-    chunk_keys(x, r, lo, n, keys, r != nullptr);
+    const T* y = r != nullptr ? r : x;
     for (int64_t i = 0; i < n; ++i) {
-      above += keys[i] > khi;
-      at_least_lo += keys[i] >= klo;
+      if (update_residual) r[lo + i] = r[lo + i] + x[lo + i];
+      keys[i] = magnitude_key(y[lo + i]);
     }
   }
 }
 
 struct ChunkState {
-  int64_t above_hi = 0, at_least_lo = 0;  // pass 1 counts
-  std::vector<int64_t> above;             // indices with key > hi (all selected), ascending
-  std::vector<int64_t> candidates;        // indices with lo <= key <= hi, ascending
-  int64_t ties = 0;                       // candidates taken with key == T
-  int64_t offset = 0;                     // first output slot
+  std::vector<int64_t> above;       // indices with key > hi (all selected), ascending
+  std::vector<int64_t> candidates;  // indices with lo <= key <= hi, ascending
+  int64_t ties = 0;                 // candidates taken with key == T
+  int64_t offset = 0;               // first output slot
 };
 
 // Bracket [lo, hi] for the k-th largest key from a strided sample of y = (r +) x; margins of about four
@@ -141,50 +116,48 @@ void topk_select(const T* x, T* r, int64_t n, int64_t k, T* values, I* indices) 
   const T* y = r != nullptr ? r : x;  // y lives in r when error feedback is on
   const int64_t nchunks = ceil_div(n, kTopkChunk);
   std::vector<ChunkState> chunks(nchunks);
-  auto for_chunks = [&](auto&& body) {
+  // Runs body(chunk, first index, keys of y[first, first + len), len) over all of y, in parallel.
+  auto for_keys = [&](bool update_residual, auto&& body) {
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       int32_t keys[kKeyBlock];
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t end = std::min(n, (c + 1) * kTopkChunk);
-        for (int64_t lo = c * kTopkChunk; lo < end; lo += kKeyBlock) body(chunks[c], lo, std::min(kKeyBlock, end - lo), keys);
+        for (int64_t i0 = c * kTopkChunk; i0 < end; i0 += kKeyBlock) {
+          const int64_t len = std::min(kKeyBlock, end - i0);
+          chunk_keys(x, r, i0, len, keys, update_residual);
+          body(chunks[c], i0, keys, len);
+        }
       }
     });
   };
+  auto collect = [&](int32_t lo, int32_t hi) {
+    return [lo, hi](ChunkState& s, int64_t i0, const int32_t* keys, int64_t len) {
+      for (int64_t i = 0; i < len; ++i) {
+        if (keys[i] < lo) continue;
+        (keys[i] > hi ? s.above : s.candidates).push_back(i0 + i);
+      }
+    };
+  };
   if (k == 0) {
-    if (r != nullptr) {  // k = 0 still accumulates x into the residual
-      for_chunks([&](ChunkState& s, int64_t i0, int64_t len, int32_t* keys) {
-        pass_one(x, r, i0, len, 0, kMaxKey, keys, s.above_hi, s.at_least_lo);
-      });
-    }
+    if (r != nullptr) for_keys(true, [](ChunkState&, int64_t, const int32_t*, int64_t) {});
     return;
   }
 
   auto [lo, hi] = sample_bracket(x, r, n, k);
-  for_chunks([&](ChunkState& s, int64_t i0, int64_t len, int32_t* keys) {
-    pass_one(x, r, i0, len, lo, hi, keys, s.above_hi, s.at_least_lo);
-  });
+  for_keys(r != nullptr, collect(lo, hi));
   int64_t above = 0, at_least_lo = 0;
   for (const auto& s : chunks) {
-    above += s.above_hi;
-    at_least_lo += s.at_least_lo;
+    above += static_cast<int64_t>(s.above.size());
+    at_least_lo += static_cast<int64_t>(s.above.size() + s.candidates.size());
   }
-  if (above >= k || at_least_lo < k) {  // the sample misled us: every key is a candidate
-    lo = 0;
-    hi = kMaxKey;
+  if (above >= k || at_least_lo < k) {  // the sample misled us: every key becomes a candidate
+    for (auto& s : chunks) {
+      s.above.clear();
+      s.candidates.clear();
+    }
     above = 0;
+    for_keys(false, collect(0, kMaxKey));
   }
-
-  for_chunks([&](ChunkState& s, int64_t i0, int64_t len, int32_t* keys) {
-    if constexpr (std::is_same_v<T, float>) {
-      float_keys(y + i0, len, keys);
-    } else {
-      chunk_keys(x, r, i0, len, keys, false);
-    }
-    for (int64_t i = 0; i < len; ++i) {
-      if (keys[i] < lo) continue;
-      (keys[i] > hi ? s.above : s.candidates).push_back(i0 + i);
-    }
-  });
 
   // T: the (k - above)-th largest key among the candidates.
   std::vector<int32_t> cand_keys;
