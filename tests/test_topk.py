@@ -156,15 +156,26 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.pyparallel.scatter_add_.default, (torch.zeros_like(x), idx, torch.ones(10, device=device)))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_topk_exact_when_a_strided_sample_misses_the_large_values(device):
-    # The CPU selects from a strided sample first (stride n / 2^14); put every large value between sample
-    # points so the sampled bracket is wrong and the exact fallback must take over.
+def _cpu_sample_positions(n, target=1 << 16):
+    """The positions csrc/cpu/topk.cpp samples (one per window of n // target, xorshift64 offsets)."""
+    stride, state, mask = max(1, n // target), 0x9E3779B97F4A7C15, (1 << 64) - 1
+    positions = []
+    for w in range(0, n - stride + 1, stride):
+        state ^= (state << 13) & mask
+        state ^= state >> 7
+        state ^= (state << 17) & mask
+        positions.append(w + state % stride)
+    return torch.tensor(positions)
+
+
+def test_topk_exact_when_the_sample_misses_the_large_values():
+    # White-box: every large value sits where the CPU's sampler does not look, so the bracket it derives
+    # is wrong (far too many keys above it) and the exact fallback must take over.
     n = 1 << 20
-    x = torch.randn(n, device=device) * 1e-3
-    x[::64] = torch.randn(n // 64, device=device) * 10
-    for k in (n // 64, n // 128, n // 32):
-        r = torch.zeros(n, device=device)
+    x = torch.randn(n) * 10
+    x[_cpu_sample_positions(n)] = torch.randn(1 << 16) * 1e-3
+    for k in (n // 64, n // 2, n - 10):
+        r = torch.zeros(n)
         values, indices = ops.topk_compress(x, k, residual=r)
         v_spec, i_spec = _spec(x, k)
         assert torch.equal(indices, i_spec) and torch.equal(values, v_spec)

@@ -12,7 +12,7 @@
 // zeroed in r and returned as values, so r_new + scatter(values, indices) == r_old + x exactly.
 //
 // CPU algorithm, in fixed chunks (the result does not depend on how they are split):
-//   0. keys of a strided sample of y give a bracket [lo, hi] that very likely holds T;
+//   0. keys of a sample of y (one element per window) give a bracket [lo, hi] that very likely holds T;
 //   1. one pass: (y = r + x written to r,) keys, and every index with key > hi is selected and every
 //      index inside the bracket is a candidate. The list sizes then tell whether the bracket held T
 //      (#{> hi} < k <= #{>= lo}); if not, a second pass collects every index as a candidate: slower,
@@ -90,14 +90,23 @@ struct ChunkState {
   int64_t offset = 0;               // first output slot
 };
 
-// Bracket [lo, hi] for the k-th largest key from a strided sample of y = (r +) x; margins of about four
+// Bracket [lo, hi] for the k-th largest key from a sample of y = (r +) x; margins of about four
 // standard deviations of the sample rank make a miss rare (and a miss only costs time).
 template <typename T>
 std::pair<int32_t, int32_t> sample_bracket(const T* x, const T* r, int64_t n, int64_t k) {
   const int64_t stride = std::max<int64_t>(1, n / kSampleTarget);
   std::vector<int32_t> sample;
   sample.reserve(n / stride + 1);
-  for (int64_t i = stride / 2; i < n; i += stride) sample.push_back(magnitude_key(r != nullptr ? T(r[i] + x[i]) : x[i]));
+  // One element at a pseudo-random place in every window of `stride`: a fixed stride would alias with the
+  // row length of a gradient matrix and see a few columns only (dead units zero whole rows and columns).
+  uint64_t state = 0x9E3779B97F4A7C15ull;
+  for (int64_t w = 0; w + stride <= n; w += stride) {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    const int64_t i = w + static_cast<int64_t>(state % static_cast<uint64_t>(stride));
+    sample.push_back(magnitude_key(r != nullptr ? T(r[i] + x[i]) : x[i]));
+  }
   const int64_t m = static_cast<int64_t>(sample.size());
   const double expect = static_cast<double>(k) * m / n;  // rank of T within the sample
   const int64_t margin = static_cast<int64_t>(4.0 * std::sqrt(expect) + 8);
