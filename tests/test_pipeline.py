@@ -381,11 +381,12 @@ def int8_allgather_hook(group, bucket):
     return torch.futures.collect_all([w.get_future() for w in works]).then(average)
 
 
-def _grid_case(seed, dtype, hook):
+def _grid_case(seed, dtype, hook, make_state=None):
     """One step on a 2x2 grid; returns (this stage's grads, the unsplit model's grads, the grads' error bound)."""
     full = _model(seed, dtype)
     grid = ProcessGrid(2)
-    pipe = DistributedPipeline(full, F.cross_entropy, n_microbatches=3, grid=grid, comm_hook=hook)
+    state = make_state(grid) if make_state is not None else None
+    pipe = DistributedPipeline(full, F.cross_entropy, n_microbatches=3, grid=grid, comm_hook=hook, hook_state=state)
     x, y = _data(seed, 16, dtype)  # the whole data-parallel batch; replica r takes half r
     half = slice(8 * grid.replica, 8 * grid.replica + 8)
     pipe.step(x[half], y[half])
@@ -426,6 +427,25 @@ def _grid_int8_trains(seed):
         losses.append(pipe.step(x[mine], y[mine]))
         opt.step()
     return [p.detach() for p in pipe.parameters()], losses
+
+
+def _grid_pyparallel_int8_hook(seed):
+    from pyparallel import hooks
+
+    got, expected, half_step = _grid_case(seed, torch.float32, hooks.int8_hook,
+                                          lambda grid: hooks.Int8State(process_group=grid.data_group))
+    # The int8 ring over 2 replicas: ((1 + 1/254)^2 - 1) * (sum of both block absmaxes) / 2 per element
+    # (pyparallel.Int8), at most ((1 + 1/254)^2 - 1) * local max = 2.004 * half_step.
+    for name, grad in got.items():
+        err = (grad - expected[name]).abs().max().item()
+        assert err <= 2.01 * half_step + 1e-7, f"{name}: int8 ring error {err:.3g} above {2.01 * half_step:.3g}"
+    return {name: g.clone() for name, g in got.items()}
+
+
+def test_grid_with_pyparallel_int8_hook(dist_pool):
+    results = dist_pool(4).run(_grid_pyparallel_int8_hook, random.randrange(2**20), timeout=TIMEOUT)
+    for a, b in [(0, 1), (2, 3)]:  # replicas of one stage decode the same int8 bytes: identical gradients
+        assert all(torch.equal(results[a][k], results[b][k]) for k in results[a])
 
 
 def test_grid_default_hook_equals_unsplit(dist_pool):
