@@ -10,6 +10,14 @@
 #include <cstdint>
 #include <cstring>
 
+// CPU inner loops marked with this are compiled twice, for AVX2 and for the baseline ISA; the loader
+// picks the one the machine runs (GCC function multi-versioning).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define PYPARALLEL_VECTORIZE __attribute__((target_clones("avx2", "default")))
+#else
+#define PYPARALLEL_VECTORIZE
+#endif
+
 namespace pyparallel {
 
 // The three floating types every op accepts; defines scalar_t inside the body. Callers check the dtype

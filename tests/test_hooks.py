@@ -192,8 +192,7 @@ def _train(overrides):
     for key, value in overrides.items():
         setattr(args, key, value)
     args.no_progress = True
-    result = run(args)
-    return {k: v for k, v in result.items()}
+    return run(args)
 
 
 # ---- tests ----

@@ -24,12 +24,6 @@
 
 #include "common.h"
 
-// The fp32 inner loops are compiled twice, for AVX2 and for the baseline ISA; the loader picks one.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYPARALLEL_VECTORIZE __attribute__((target_clones("avx2", "default")))
-#else
-#define PYPARALLEL_VECTORIZE
-#endif
 
 namespace pyparallel {
 namespace {

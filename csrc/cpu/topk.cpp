@@ -28,11 +28,6 @@
 
 #include "common.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYPARALLEL_VECTORIZE __attribute__((target_clones("avx2", "default")))
-#else
-#define PYPARALLEL_VECTORIZE
-#endif
 
 namespace pyparallel {
 namespace {
