@@ -7,7 +7,7 @@ disagreement makes the script exit non-zero.
 
     python benchmarks/kernels.py                      # CPU, 16M elements, fp32 and bf16
     python benchmarks/kernels.py --device cuda --numel 64M --json out.json
-    python benchmarks/kernels.py --quick              # what `make demo` runs
+    python benchmarks/kernels.py --quick              # a smoke run: 1M elements, fp32
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
-OPS = ["quantize_int8", "dequantize_int8", "dequantize_add_", "topk_compress", "scatter_add_",
-       "bucket_flatten", "bucket_unflatten"]
+OPS = ["quantize_int8", "quantize_int8_into_", "dequantize_int8", "dequantize_int8_into_", "dequantize_add_",
+       "topk_compress", "scatter_add_", "bucket_flatten", "bucket_unflatten"]
+COLLECTIVES = ["ring_all_reduce_", "ring_all_reduce_int8_", "topk_all_reduce_"]
 
 
 def _expect_cuda():
@@ -34,3 +35,9 @@ def test_cuda_kernel_registered_when_expected(op):
 
 def test_bucket_assignment_is_device_independent():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("pyparallel::bucket_assignment", "CompositeImplicitAutograd")
+
+
+@pytest.mark.parametrize("op", COLLECTIVES)
+def test_collectives_serve_every_device(op):
+    # One device-generic implementation: the arithmetic dispatches to the CPU or CUDA kernels of our ops.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyparallel::{op}", "CompositeExplicitAutograd")
