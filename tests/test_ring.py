@@ -18,6 +18,8 @@ import torch.distributed as dist
 import pyparallel
 from pyparallel import reference as ref
 
+import topk_adversary
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [0, 1, 2, 3, 5, 16, 17, 1000, 4099, 65_537, 300_001]
 WORLD_SIZES = [2, 3, 4]
@@ -128,10 +130,49 @@ def _topk_cases(seed):
                     # error feedback: what this rank did not send stays in its residual
                     assert int((mine != old + xs[rank]).sum()) <= k
                     digests.append(_digest(t))
-    # 1% top-k sends (n - 1) * k * (4 + 4) bytes: about 8% of one fp32 copy of the tensor per peer
+    # 1% top-k sends (n - 1) * k * (4 + 4) bytes (+ an 8-byte status per peer on the streamed fp32 path):
+    # about 8% of one fp32 copy of the tensor per peer
     x = torch.randn(100_000)
     sent = _ops.topk_all_reduce_(x, _group(), 1000, None, False)
-    assert sent == (n - 1) * 1000 * 8
+    assert sent == (n - 1) * (1000 * 8 + 8)
+    sent = _ops.topk_all_reduce_(x.half(), _group(), 1000, None, False)
+    assert sent == (n - 1) * 1000 * (4 + 2)
+    return digests
+
+
+def _topk_stream_cases(seed):
+    """fp32 CPU tensors take the streamed path (Note [Streamed sparse all-gather]): several messages per
+    peer sent during the selection, and the recovery when the selection's bracket misses, on some ranks
+    only (the other ranks' streamed entries must stand)."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    numel = (1 << 19) + 3
+    digests = []
+    makers = {
+        "random": lambda g: torch.randn(numel, generator=g),
+        "ties": lambda g: torch.randint(-3, 4, (numel,), generator=g).float(),  # many ties at the threshold
+        "evading": lambda g: topk_adversary.evading(numel, g),        # threshold above the bracket
+        "sample_only": lambda g: topk_adversary.sample_only(numel, g),  # threshold below the bracket
+    }
+    for case, make in makers.items():
+        for k in (numel // 32, numel // 100):  # 4 and 2 messages of 4096 entries
+            for average, feedback in ((False, True), (True, False)):
+                residuals = [torch.zeros(numel) for _ in range(n)] if feedback else None
+                mine = torch.zeros(numel) if feedback else None
+                for step in range(2 if feedback else 1):
+                    g = torch.Generator().manual_seed(seed + step)
+                    # even ranks get the case, odd ranks plain noise: misses on some ranks only
+                    xs = [make(g) if q % 2 == 0 else torch.randn(numel, generator=g) for q in range(n)]
+                    t = xs[rank].clone()
+                    old = None if mine is None else mine.clone()
+                    sent = _ops.topk_all_reduce_(t, _group(), k, mine, average)
+                    expect = ref.topk_all_reduce(xs, k, residuals, average)
+                    assert torch.equal(t, expect), (case, k, average, step)
+                    if feedback:
+                        assert torch.equal(mine, residuals[rank]), (case, k, step)
+                        assert int((mine != old + xs[rank]).sum()) <= k
+                    missed = case in ("evading", "sample_only") and rank % 2 == 0
+                    assert sent == (n - 1) * (k * 8 * (2 if missed else 1) + 8), (case, k, sent)
+                    digests.append(_digest(t))
     return digests
 
 
@@ -216,6 +257,12 @@ def test_int8_ring_bitwise_vs_reference_and_error_bound(dist_pool, world_size):
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_topk_sparse_allgather_exact(dist_pool, world_size):
     digests = dist_pool(world_size).run(_topk_cases, random.randrange(2**30), timeout=300)
+    assert all(d == digests[0] for d in digests), "ranks disagree"
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_topk_streamed_path_exact_even_when_the_sample_misses(dist_pool, world_size):
+    digests = dist_pool(world_size).run(_topk_stream_cases, random.randrange(2**30), timeout=300)
     assert all(d == digests[0] for d in digests), "ranks disagree"
 
 

@@ -7,6 +7,7 @@ from pyparallel import ops
 from pyparallel import reference as ref
 
 from conftest import DEVICES
+from topk_adversary import cpu_sample_positions
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [1, 2, 7, 100, 2047, 2048, 2049, 70_001, 300_000]
@@ -156,24 +157,12 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.pyparallel.scatter_add_.default, (torch.zeros_like(x), idx, torch.ones(10, device=device)))
 
 
-def _cpu_sample_positions(n, target=1 << 16):
-    """The positions csrc/cpu/topk.cpp samples (one per window of n // target, xorshift64 offsets)."""
-    stride, state, mask = max(1, n // target), 0x9E3779B97F4A7C15, (1 << 64) - 1
-    positions = []
-    for w in range(0, n - stride + 1, stride):
-        state ^= (state << 13) & mask
-        state ^= state >> 7
-        state ^= (state << 17) & mask
-        positions.append(w + state % stride)
-    return torch.tensor(positions)
-
-
 def test_topk_exact_when_the_sample_misses_the_large_values():
     # White-box: every large value sits where the CPU's sampler does not look, so the bracket it derives
     # is wrong (far too many keys above it) and the exact fallback must take over.
     n = 1 << 20
     x = torch.randn(n) * 10
-    x[_cpu_sample_positions(n)] = torch.randn(1 << 16) * 1e-3
+    x[cpu_sample_positions(n)] = torch.randn(1 << 16) * 1e-3
     for k in (n // 64, n // 2, n - 10):
         r = torch.zeros(n)
         values, indices = ops.topk_compress(x, k, residual=r)

@@ -121,6 +121,29 @@ size_t Ring::post(const at::Tensor& send, const at::Tensor& recv, int64_t seq) {
   return steps_.size() - 1;
 }
 
+size_t Ring::post_send(const at::Tensor& send, int peer, int64_t seq) {
+  TORCH_CHECK(!coalesce_, "Ring::post_send: CPU (Gloo) only");
+  RingStep step;
+  std::vector<at::Tensor> v{send};
+  step.send = pg_->send(v, peer, kTagBase + static_cast<int>(seq % kTagSpan));
+  step.recv_done = true;
+  step.keep = {send};
+  bytes_sent_ += send.numel() * send.element_size();
+  steps_.push_back(std::move(step));
+  return steps_.size() - 1;
+}
+
+size_t Ring::post_recv(const at::Tensor& recv, int peer, int64_t seq) {
+  TORCH_CHECK(!coalesce_, "Ring::post_recv: CPU (Gloo) only");
+  RingStep step;
+  std::vector<at::Tensor> v{recv};
+  step.recv = pg_->recv(v, peer, kTagBase + static_cast<int>(seq % kTagSpan));
+  step.send_done = true;
+  step.keep = {recv};
+  steps_.push_back(std::move(step));
+  return steps_.size() - 1;
+}
+
 void Ring::wait_recv(size_t id) {
   RingStep& s = steps_.at(id);
   if (!s.recv_done) {

@@ -53,6 +53,9 @@ class Ring {
   // Posts send -> next and prev -> recv and returns the step's id; `seq` numbers the message within the
   // collective (it becomes the tag, so Gloo matches messages exactly even with many in flight).
   size_t post(const at::Tensor& send, const at::Tensor& recv, int64_t seq);
+  // Point-to-point outside the ring pattern (the sparse all-gather talks to every peer directly).
+  size_t post_send(const at::Tensor& send, int peer, int64_t seq);
+  size_t post_recv(const at::Tensor& recv, int peer, int64_t seq);
   void wait_recv(size_t step);  // the received data may be used after this (stream-ordered on CUDA)
   void wait(size_t step);       // both directions done
 

@@ -1,12 +1,15 @@
-// Top-k all-reduce: every rank compresses its tensor to k (value, index) pairs, the pairs travel by a
-// ring all-gather (they cannot be summed on the way: the index sets differ), and every rank decodes
-// all n payloads with a scatter-add in rank order, so every rank computes the same bits. An average is
+// Top-k all-reduce: every rank compresses its tensor to k (value, index) pairs, the pairs are
+// all-gathered (they cannot be summed on the way: the index sets differ), and every rank decodes all n
+// payloads with a scatter-add in rank order, so every rank computes the same bits. An average is
 // sum_q (values_q / n): only the sent values are divided, never the dense tensor.
+// Two transports: fp32 on the CPU streams the entries to every peer while selecting them (Note
+// [Streamed sparse all-gather]); other dtypes and CUDA tensors select first, then run a ring all-gather.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "comm/ring.h"
 #include "common.h"
+#include "cpu/topk_stream.h"
 
 namespace pyparallel {
 namespace {
@@ -31,6 +34,93 @@ void scatter_add(at::Tensor& out, const at::Tensor& indices, const at::Tensor& v
   op.call(out, indices, values);
 }
 
+// Note [Streamed sparse all-gather]
+// fp32 CPU tensors (the Gloo path): every rank sends its k entries straight to every other rank (each
+// link carries the same (n - 1) payloads as a ring all-gather would, with one hop of latency), and it
+// sends them while it is still selecting them: TopkStream emits the surely-selected entries during its
+// pass over the input, and every full message of `m` entries goes out at once. Message sizes are fixed
+// by k alone, so every receive is posted before the pass starts. A last small message per peer says
+// whether the streamed entries stand; if the selection's bracket missed (rare), they are replaced by
+// one message of all k exact entries. Decoding is the same as below: rank order, values / n for avg.
+constexpr int64_t kMinMessageEntries = 4096;  // 32 KB: per-message costs stay small
+constexpr int64_t kMaxMessages = 4;
+constexpr int64_t kDecodeAhead = 64;  // the decode's writes land all over the tensor: prefetch them
+
+int64_t topk_all_reduce_streamed(at::Tensor& tensor, Ring& ring, int64_t k,
+                                 const std::optional<at::Tensor>& residual, bool average) {
+  const int n = ring.size(), me = ring.rank();
+  const int64_t numel = tensor.numel();
+  const int64_t m = std::max(kMinMessageEntries, ceil_div(k, kMaxMessages));
+  const int64_t messages = ceil_div(k, m);
+  const int64_t status_seq = messages, resend_seq = messages + 1;
+  auto entries_of = [](at::Tensor& t) { return reinterpret_cast<SparseEntry*>(t.data_ptr<int32_t>()); };
+  auto message = [&](const at::Tensor& t, int64_t j) { return t.slice(0, j * m, std::min(k, (j + 1) * m)); };
+
+  // [n, k, 2] int32: (index, float bits) pairs; row `me` holds this rank's own entries.
+  at::Tensor all = at::empty({n, k, 2}, tensor.options().dtype(at::kInt));
+  at::Tensor status = at::empty({n}, tensor.options().dtype(at::kLong));
+  std::vector<std::vector<size_t>> recvs(n);
+  for (int q = 0; q < n; ++q) {
+    if (q == me) continue;
+    for (int64_t j = 0; j < messages; ++j) recvs[q].push_back(ring.post_recv(message(all[q], j), q, j));
+    recvs[q].push_back(ring.post_recv(status.slice(0, q, q + 1), q, status_seq));
+  }
+
+  at::Tensor mine = all[me];
+  float* x = tensor.data_ptr<float>();
+  float* r = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  TopkStream stream(x, r, numel, k, /*zero_input=*/r != nullptr, entries_of(mine));
+  std::vector<size_t> sends;
+  int64_t sent = 0;
+  auto send_through = [&](int64_t upto) {
+    for (; sent < upto; ++sent)
+      for (int q = 0; q < n; ++q)
+        if (q != me) sends.push_back(ring.post_send(message(mine, sent), q, sent));
+  };
+  while (stream.scanning()) {
+    stream.scan_some();
+    if (stream.valid()) send_through(stream.ready() / m);
+  }
+  const bool streamed_ok = stream.finish();
+  if (!streamed_ok) {
+    for (size_t id : sends) ring.wait(id);  // the transport must be done reading the wrong prefix
+    stream.exact();
+  }
+  send_through(messages);  // the receivers expect every message; after a miss they discard them
+  status[me] = streamed_ok ? 1 : 2;
+  at::Tensor my_status = status.slice(0, me, me + 1).clone();
+  for (int q = 0; q < n; ++q) {
+    if (q == me) continue;
+    ring.post_send(my_status, q, status_seq);
+    if (!streamed_ok) ring.post_send(mine, q, resend_seq);
+  }
+  if (r == nullptr) tensor.zero_();  // x was read to the end; with a residual the pass zeroed it
+
+  for (int q = 0; q < n; ++q) {
+    if (q == me) continue;
+    for (size_t id : recvs[q]) ring.wait_recv(id);
+    const int64_t s = status[q].item<int64_t>();
+    TORCH_CHECK(s == 1 || s == 2, "topk_all_reduce_: corrupt status ", s, " from rank ", q);
+    if (s == 2) ring.wait_recv(ring.post_recv(all[q], q, resend_seq));
+  }
+  const int32_t* pairs = all.const_data_ptr<int32_t>();
+  for (int64_t j = 0; j < n * k; ++j) {
+    const int32_t i = pairs[2 * j];
+    TORCH_CHECK(i >= 0 && i < numel, "topk_all_reduce_: rank ", j / k, " sent index ", i, " out of range [0, ",
+                numel, ")");
+  }
+  for (int q = 0; q < n; ++q) {  // rank order on every rank; an average divides the k values, not the tensor
+    const SparseEntry* e = reinterpret_cast<const SparseEntry*>(pairs) + q * k;
+    const float div = static_cast<float>(n);
+    for (int64_t j = 0; j < k; ++j) {
+      if (j + kDecodeAhead < k) __builtin_prefetch(x + e[j + kDecodeAhead].index, /*rw=*/1);
+      x[e[j].index] = x[e[j].index] + (average ? e[j].value / div : e[j].value);
+    }
+  }
+  ring.finish();
+  return ring.bytes_sent();
+}
+
 int64_t topk_all_reduce(at::Tensor& tensor, const std::string& group, int64_t k,
                         const std::optional<at::Tensor>& residual, bool average, bool verify) {
   const char* op = "topk_all_reduce_";
@@ -43,6 +133,10 @@ int64_t topk_all_reduce(at::Tensor& tensor, const std::string& group, int64_t k,
   const at::ScalarType itype = tensor.numel() <= INT32_MAX ? at::kInt : at::kLong;
   check_topk_args(tensor, k, residual, itype, op);
   const int n = ring.size(), r = ring.rank();
+  if (n > 1 && k > 0 && tensor.device().is_cpu() && tensor.scalar_type() == at::kFloat && tensor.is_contiguous() &&
+      itype == at::kInt) {
+    return topk_all_reduce_streamed(tensor, ring, k, residual, average);
+  }
 
   auto [values, indices] = topk(tensor, k, residual, itype);
   // One slot per rank: [indices | values], each part padded to kSlotAlign bytes.
