@@ -47,7 +47,7 @@ int64_t ring_all_reduce(at::Tensor& tensor, const std::string& group, bool avera
 
   at::Tensor flat = tensor.is_contiguous() ? tensor.view(-1) : tensor.contiguous().view(-1);
   const int64_t esize = flat.element_size();
-  const Partition part(flat.numel(), n, kDenseAlign, segment_bytes / esize, esize);
+  const Partition part(flat.numel(), n, kDenseAlign, segment_bytes / esize);
   const int64_t J = part.segments(), ops = (n - 1) * J;
   auto seg = [&](int64_t c, int64_t j) { return flat.slice(0, part.begin(mod(c, n), j), part.end(mod(c, n), j)); };
   at::Tensor tmp = at::empty({kRecvBuffers, part.max_segment()}, flat.options());
@@ -126,7 +126,7 @@ int64_t ring_all_reduce_int8(at::Tensor& tensor, const std::string& group, bool 
 
   // This rank's input, read until the reduce-scatter ends; the all-gather then decodes into it.
   at::Tensor flat = tensor.is_contiguous() ? tensor.view(-1) : tensor.contiguous().view(-1);
-  const Partition part(numel, n, block_size, segment_bytes, /*element_size=*/1);
+  const Partition part(numel, n, block_size, segment_bytes);  // int8: one byte per element
   const int64_t J = part.segments(), ops = (n - 1) * J;
   // Every chunk's current payload (own, partial, then final) lives at its place in one int8 buffer.
   at::Tensor gq = at::empty({numel}, flat.options().dtype(at::kChar));

