@@ -53,7 +53,7 @@ int64_t topk_all_reduce_streamed(at::Tensor& tensor, Ring& ring, int64_t k,
   const int64_t m = std::max(kMinMessageEntries, ceil_div(k, kMaxMessages));
   const int64_t messages = ceil_div(k, m);
   const int64_t status_seq = messages, resend_seq = messages + 1;
-  auto entries_of = [](at::Tensor& t) { return reinterpret_cast<SparseEntry*>(t.data_ptr<int32_t>()); };
+  auto entries_of = [](const at::Tensor& t) { return reinterpret_cast<SparseEntry*>(t.data_ptr<int32_t>()); };
   auto message = [&](const at::Tensor& t, int64_t j) { return t.slice(0, j * m, std::min(k, (j + 1) * m)); };
 
   // [n, k, 2] int32: (index, float bits) pairs; row `me` holds this rank's own entries.
@@ -96,25 +96,42 @@ int64_t topk_all_reduce_streamed(at::Tensor& tensor, Ring& ring, int64_t k,
   }
   if (r == nullptr) tensor.zero_();  // x was read to the end; with a residual the pass zeroed it
 
+  // Decode in rank order (the same additions on every rank), each rank's entries as soon as they are
+  // final here: this rank's own now, a peer's message by message as it arrives, so most of the decoding
+  // overlaps the last bytes on the wire. A peer's streamed entries stand only if its status says so at
+  // the end; until then an undo log keeps the values they overwrote.
+  const float div = static_cast<float>(n);
+  std::vector<float> undo(k);
+  auto decode = [&](int q, int64_t begin, int64_t end, float* log) {
+    const SparseEntry* e = entries_of(all) + static_cast<int64_t>(q) * k;
+    for (int64_t j = begin; j < end; ++j) {
+      TORCH_CHECK(e[j].index >= 0 && e[j].index < numel, "topk_all_reduce_: rank ", q, " sent index ", e[j].index,
+                  " out of range [0, ", numel, ")");
+    }
+    for (int64_t j = begin; j < end; ++j) {
+      if (j + kDecodeAhead < end) __builtin_prefetch(x + e[j + kDecodeAhead].index, /*rw=*/1);
+      float& out = x[e[j].index];
+      if (log != nullptr) log[j] = out;
+      out = out + (average ? e[j].value / div : e[j].value);
+    }
+  };
   for (int q = 0; q < n; ++q) {
-    if (q == me) continue;
-    for (size_t id : recvs[q]) ring.wait_recv(id);
+    if (q == me) {
+      decode(q, 0, k, nullptr);
+      continue;
+    }
+    for (int64_t j = 0; j < messages; ++j) {
+      ring.wait_recv(recvs[q][j]);
+      decode(q, j * m, std::min(k, (j + 1) * m), undo.data());
+    }
+    ring.wait_recv(recvs[q][messages]);
     const int64_t s = status[q].item<int64_t>();
     TORCH_CHECK(s == 1 || s == 2, "topk_all_reduce_: corrupt status ", s, " from rank ", q);
-    if (s == 2) ring.wait_recv(ring.post_recv(all[q], q, resend_seq));
-  }
-  const int32_t* pairs = all.const_data_ptr<int32_t>();
-  for (int64_t j = 0; j < n * k; ++j) {
-    const int32_t i = pairs[2 * j];
-    TORCH_CHECK(i >= 0 && i < numel, "topk_all_reduce_: rank ", j / k, " sent index ", i, " out of range [0, ",
-                numel, ")");
-  }
-  for (int q = 0; q < n; ++q) {  // rank order on every rank; an average divides the k values, not the tensor
-    const SparseEntry* e = reinterpret_cast<const SparseEntry*>(pairs) + q * k;
-    const float div = static_cast<float>(n);
-    for (int64_t j = 0; j < k; ++j) {
-      if (j + kDecodeAhead < k) __builtin_prefetch(x + e[j + kDecodeAhead].index, /*rw=*/1);
-      x[e[j].index] = x[e[j].index] + (average ? e[j].value / div : e[j].value);
+    if (s == 2) {  // its selection's bracket missed: take back what was decoded, then decode the resend
+      const SparseEntry* e = entries_of(all) + static_cast<int64_t>(q) * k;
+      for (int64_t j = 0; j < k; ++j) x[e[j].index] = undo[j];  // indices are distinct within one rank
+      ring.wait_recv(ring.post_recv(all[q], q, resend_seq));
+      decode(q, 0, k, nullptr);
     }
   }
   ring.finish();
