@@ -43,7 +43,8 @@ class Topk:
     Give ``ratio`` (fraction of elements each rank sends) or ``k``. With ``residual`` (a tensor like the
     input, kept by the caller between steps) the error feedback keeps what was not sent:
     ``residual_new + sent == residual_old + tensor`` exactly. Each rank sends k values and k int32
-    indices to each of the n - 1 others.
+    indices to each of the n - 1 others (fp32 CPU tensors: straight to each peer, while the selection
+    is still reading the tensor, plus an 8-byte status per peer).
     """
 
     ratio: float | None = 0.01
