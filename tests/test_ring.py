@@ -224,16 +224,18 @@ def _mismatch(kind):
     return msg
 
 
-def _die_mid_operation():
-    """Rank 1 exits while rings are running; the others must raise within the group's timeout."""
-    t = torch.ones(8 << 20)
+def _die_mid_operation(kind):
+    """Rank 1 exits while collectives are running; the others must raise within the group's timeout."""
+    t = torch.randn(8 << 20)
+    compression = {"dense": None, "int8": "int8",
+                   "topk": pyparallel.Topk(ratio=0.01, residual=torch.zeros_like(t))}[kind]  # the streamed path
     if dist.get_rank() == 1:
         threading.Timer(0.5, lambda: os._exit(17)).start()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         t0 = time.monotonic()
         try:
-            pyparallel.all_reduce(t, op="avg")
+            pyparallel.all_reduce(t, op="avg", compression=compression)
         except RuntimeError as e:
             return time.monotonic() - t0, str(e).splitlines()[0]
     return None, None
@@ -291,12 +293,13 @@ def test_mismatch_raises_on_every_rank(dist_pool, kind, expect):
     assert len(set(messages)) == 1, "every rank raises the same error"
 
 
-def test_dead_rank_makes_the_others_raise_within_the_timeout():
+@pytest.mark.parametrize("kind", ["dense", "int8", "topk"])
+def test_dead_rank_makes_the_others_raise_within_the_timeout(kind):
     from dist_harness import WorkerPool
 
     pool = WorkerPool(2, pg_timeout_s=5)
     try:
-        outcomes = pool.outcomes(_die_mid_operation, timeout=60)
+        outcomes = pool.outcomes(_die_mid_operation, kind, timeout=60)
     finally:
         pool.kill()
     assert outcomes[1][0] == "died"
