@@ -98,6 +98,7 @@ class _GroupWorker:
 
     def __init__(self, name: str):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pyparallel-{name}")
+        self._thread_id = None          # the pool's one thread, once it has run a job
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._mutex = threading.Lock()  # held while a collective runs
         self._queued = 0                # submitted and not finished
@@ -107,6 +108,10 @@ class _GroupWorker:
         if device not in self._streams:
             self._streams[device] = torch.cuda.Stream(device=device)
         return self._streams[device]
+
+    def on_worker_thread(self) -> bool:
+        """True inside a collective's job or a future callback it triggers (they run on this thread)."""
+        return self._thread_id == threading.get_ident()
 
     def run_inline(self, run) -> bool:
         """Runs ``run()`` now if no collective is queued; False (nothing run) otherwise."""
@@ -128,6 +133,7 @@ class _GroupWorker:
             fut = torch.futures.Future()
 
         def job():
+            self._thread_id = threading.get_ident()
             try:
                 with self._mutex:
                     if tensor.is_cuda:
@@ -204,7 +210,8 @@ def all_reduce(
     """
     if not async_op and not tensor.is_cuda:
         average, name = _average(op), _group_name(group)
-        if worker(name).run_inline(lambda: collective(tensor, name, average, compression, verify)):
+        w = worker(name)
+        if not w.on_worker_thread() and w.run_inline(lambda: collective(tensor, name, average, compression, verify)):
             return None
     fut = submit(tensor, group, op, compression, verify)
     if async_op:
@@ -228,4 +235,17 @@ def submit(tensor, group=None, op="sum", compression: Compression = None, verify
         if on_bytes is not None:
             on_bytes(sent)
 
-    return worker(name).submit(tensor, run)
+    w = worker(name)
+    if w.on_worker_thread():
+        # Called from a callback of one of this group's futures: queueing behind the job that runs the
+        # callback would wait forever, so run now. Every rank's callbacks run in the same order, so the
+        # collectives still line up across ranks.
+        fut = torch.futures.Future(devices=[tensor.device]) if tensor.is_cuda else torch.futures.Future()
+        try:
+            run()
+        except BaseException as exc:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(tensor)
+        return fut
+    return w.submit(tensor, run)

@@ -196,6 +196,24 @@ def _async_progress():
     return spins, elapsed
 
 
+def _collective_from_callback():
+    """A callback of one of our futures (it runs on the group's worker thread) may itself call
+    all_reduce, sync or async, without deadlocking the worker."""
+    n = dist.get_world_size()
+    big, small = torch.ones(8 << 20), torch.full((1001,), 2.0)
+    threads = []
+
+    def callback(fut):
+        threads.append(threading.current_thread().name)
+        pyparallel.all_reduce(small)                         # sync
+        pyparallel.all_reduce(small, async_op=True).wait()   # async
+        return fut.value()
+
+    pyparallel.all_reduce(big, async_op=True).then(callback).wait()
+    assert bool((big == n).all()) and bool((small == 2.0 * n * n).all())
+    return threads
+
+
 def _mismatch(kind):
     rank = dist.get_rank()
     if kind == "numel":
@@ -278,6 +296,12 @@ def test_async_leaves_the_python_thread_free(dist_pool):
     for spins, elapsed in results:
         # With the GIL held for the whole collective the loop could not run at all.
         assert spins > 1000, f"only {spins} loop iterations during a {elapsed * 1e3:.0f} ms all-reduce"
+
+
+def test_all_reduce_from_a_future_callback_does_not_deadlock(dist_pool):
+    for threads in dist_pool(2).run(_collective_from_callback, timeout=60):
+        # the 8M all-reduce is still running when .then() registers, so the callback runs on the worker
+        assert threads and threads[0].startswith("pyparallel-"), threads
 
 
 @pytest.mark.parametrize("kind,expect", [
