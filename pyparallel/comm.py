@@ -114,7 +114,10 @@ class _GroupWorker:
         return self._thread_id == threading.get_ident()
 
     def run_inline(self, run) -> bool:
-        """Runs ``run()`` now if no collective is queued; False (nothing run) otherwise."""
+        """Runs ``run()`` now if no collective is queued; False (nothing run) otherwise. Never on the
+        worker thread itself: a job there holds the mutex."""
+        if self.on_worker_thread():
+            return False
         with self._mutex:
             with self._queued_lock:
                 if self._queued:
@@ -210,8 +213,7 @@ def all_reduce(
     """
     if not async_op and not tensor.is_cuda:
         average, name = _average(op), _group_name(group)
-        w = worker(name)
-        if not w.on_worker_thread() and w.run_inline(lambda: collective(tensor, name, average, compression, verify)):
+        if worker(name).run_inline(lambda: collective(tensor, name, average, compression, verify)):
             return None
     fut = submit(tensor, group, op, compression, verify)
     if async_op:

@@ -19,6 +19,8 @@ std::vector<RingStep>& graveyard() {
 }
 
 
+int tag_of(int64_t seq) { return kTagBase + static_cast<int>(seq % kTagSpan); }
+
 const char* kind_name(int64_t kind) {
   switch (kind) {
     case 0: return "dense";
@@ -87,9 +89,17 @@ void Ring::verify(const CollectiveHeader& h, const char* op) {
   }
 }
 
+size_t Ring::record(RingStep step, int64_t sent_bytes) {
+  step.send_done = !step.send;
+  step.recv_done = !step.recv;
+  bytes_sent_ += sent_bytes;
+  steps_.push_back(std::move(step));
+  return steps_.size() - 1;
+}
+
 size_t Ring::post(const at::Tensor& send, const at::Tensor& recv, int64_t seq) {
   RingStep step;
-  const int tag = kTagBase + static_cast<int>(seq % kTagSpan);
+  const int tag = tag_of(seq);
   const bool do_send = send.numel() > 0, do_recv = recv.numel() > 0;
   if (coalesce_ && (do_send || do_recv)) {
     pg_->startCoalescing(c10::DeviceType::CUDA);
@@ -112,35 +122,26 @@ size_t Ring::post(const at::Tensor& send, const at::Tensor& recv, int64_t seq) {
       step.recv = pg_->recv(v, prev_, tag);
     }
   }
-  step.send_done = !step.send;
-  step.recv_done = !step.recv;
   step.keep = {send, recv};
-  bytes_sent_ += send.numel() * send.element_size();
-  steps_.push_back(std::move(step));
-  return steps_.size() - 1;
+  return record(std::move(step), send.numel() * send.element_size());
 }
 
 size_t Ring::post_send(const at::Tensor& send, int peer, int64_t seq) {
   TORCH_CHECK(!coalesce_, "Ring::post_send: CPU (Gloo) only");
   RingStep step;
   std::vector<at::Tensor> v{send};
-  step.send = pg_->send(v, peer, kTagBase + static_cast<int>(seq % kTagSpan));
-  step.recv_done = true;
+  step.send = pg_->send(v, peer, tag_of(seq));
   step.keep = {send};
-  bytes_sent_ += send.numel() * send.element_size();
-  steps_.push_back(std::move(step));
-  return steps_.size() - 1;
+  return record(std::move(step), send.numel() * send.element_size());
 }
 
 size_t Ring::post_recv(const at::Tensor& recv, int peer, int64_t seq) {
   TORCH_CHECK(!coalesce_, "Ring::post_recv: CPU (Gloo) only");
   RingStep step;
   std::vector<at::Tensor> v{recv};
-  step.recv = pg_->recv(v, peer, kTagBase + static_cast<int>(seq % kTagSpan));
-  step.send_done = true;
+  step.recv = pg_->recv(v, peer, tag_of(seq));
   step.keep = {recv};
-  steps_.push_back(std::move(step));
-  return steps_.size() - 1;
+  return record(std::move(step), 0);
 }
 
 void Ring::wait_recv(size_t id) {

@@ -66,6 +66,8 @@ class Ring {
   int64_t bytes_sent() const { return bytes_sent_; }
 
  private:
+  size_t record(RingStep step, int64_t sent_bytes);  // derives the done flags; returns the step's id
+
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   int rank_ = 0, size_ = 1, next_ = 0, prev_ = 0;
   bool coalesce_ = false;  // CUDA tensors: NCCL

@@ -53,12 +53,12 @@ int64_t topk_all_reduce_streamed(at::Tensor& tensor, Ring& ring, int64_t k,
   const int64_t m = std::max(kMinMessageEntries, ceil_div(k, kMaxMessages));
   const int64_t messages = ceil_div(k, m);
   const int64_t status_seq = messages, resend_seq = messages + 1;
-  auto entries_of = [](const at::Tensor& t) { return reinterpret_cast<SparseEntry*>(t.data_ptr<int32_t>()); };
   auto message = [&](const at::Tensor& t, int64_t j) { return t.slice(0, j * m, std::min(k, (j + 1) * m)); };
 
   // [n, k, 2] int32: (index, float bits) pairs; row `me` holds this rank's own entries.
   at::Tensor all = at::empty({n, k, 2}, tensor.options().dtype(at::kInt));
   at::Tensor status = at::empty({n}, tensor.options().dtype(at::kLong));
+  auto entries_of = [&](int q) { return reinterpret_cast<SparseEntry*>(all.data_ptr<int32_t>()) + q * k; };
   std::vector<std::vector<size_t>> recvs(n);
   for (int q = 0; q < n; ++q) {
     if (q == me) continue;
@@ -69,7 +69,7 @@ int64_t topk_all_reduce_streamed(at::Tensor& tensor, Ring& ring, int64_t k,
   at::Tensor mine = all[me];
   float* x = tensor.data_ptr<float>();
   float* r = residual.has_value() ? residual->data_ptr<float>() : nullptr;
-  TopkStream stream(x, r, numel, k, /*zero_input=*/r != nullptr, entries_of(mine));
+  TopkStream stream(x, r, numel, k, /*zero_input=*/r != nullptr, entries_of(me));
   std::vector<size_t> sends;
   int64_t sent = 0;
   auto send_through = [&](int64_t upto) {
@@ -87,8 +87,7 @@ int64_t topk_all_reduce_streamed(at::Tensor& tensor, Ring& ring, int64_t k,
     stream.exact();
   }
   send_through(messages);  // the receivers expect every message; after a miss they discard them
-  status[me] = streamed_ok ? 1 : 2;
-  at::Tensor my_status = status.slice(0, me, me + 1).clone();
+  const at::Tensor my_status = at::full({1}, streamed_ok ? 1 : 2, status.options());
   for (int q = 0; q < n; ++q) {
     if (q == me) continue;
     ring.post_send(my_status, q, status_seq);
@@ -103,7 +102,7 @@ int64_t topk_all_reduce_streamed(at::Tensor& tensor, Ring& ring, int64_t k,
   const float div = static_cast<float>(n);
   std::vector<float> undo(k);
   auto decode = [&](int q, int64_t begin, int64_t end, float* log) {
-    const SparseEntry* e = entries_of(all) + static_cast<int64_t>(q) * k;
+    const SparseEntry* e = entries_of(q);
     for (int64_t j = begin; j < end; ++j) {
       TORCH_CHECK(e[j].index >= 0 && e[j].index < numel, "topk_all_reduce_: rank ", q, " sent index ", e[j].index,
                   " out of range [0, ", numel, ")");
@@ -128,7 +127,7 @@ int64_t topk_all_reduce_streamed(at::Tensor& tensor, Ring& ring, int64_t k,
     const int64_t s = status[q].item<int64_t>();
     TORCH_CHECK(s == 1 || s == 2, "topk_all_reduce_: corrupt status ", s, " from rank ", q);
     if (s == 2) {  // its selection's bracket missed: take back what was decoded, then decode the resend
-      const SparseEntry* e = entries_of(all) + static_cast<int64_t>(q) * k;
+      const SparseEntry* e = entries_of(q);
       for (int64_t j = 0; j < k; ++j) x[e[j].index] = undo[j];  // indices are distinct within one rank
       ring.wait_recv(ring.post_recv(all[q], q, resend_seq));
       decode(q, 0, k, nullptr);

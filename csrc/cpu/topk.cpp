@@ -44,10 +44,7 @@ using cpu::kMaxKey;
 
 template <typename T>
 inline int32_t magnitude_key(T v) {
-  const float f = static_cast<float>(v);
-  int32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u & kMaxKey;  // |f|'s bits: integer order is magnitude order, NaN above Inf
+  return cpu::magnitude_key(static_cast<float>(v));  // fp16/bf16 widen exactly
 }
 
 struct ChunkState {
@@ -178,11 +175,7 @@ void topk_select(const T* x, T* r, int64_t n, int64_t k, T* values, I* indices) 
     });
   };
   if (k == 0) {
-    if (r != nullptr) scan_all(kMaxKey, kMaxKey, true);  // only r = r + x (a NaN key would be classified: drop it)
-    for (auto& s : chunks) {
-      s.above.clear();
-      s.candidates.clear();
-    }
+    if (r != nullptr) scan_all(kMaxKey, kMaxKey, true);  // only r = r + x; the lists are not used
     return;
   }
 

@@ -117,9 +117,9 @@ TopkStream::TopkStream(float* x, float* r, int64_t n, int64_t k, bool zero_input
   std::tie(lo_, hi_) = cpu::topk_bracket(x, r, n, k);
 }
 
-void TopkStream::restore_residual(const std::vector<SparseEntry>& entries) const {
+void TopkStream::restore_residual(const SparseEntry* begin, const SparseEntry* end) const {
   if (r_ == nullptr) return;
-  for (const SparseEntry& e : entries) r_[e.index] = e.value;
+  for (const SparseEntry* e = begin; e != end; ++e) r_[e->index] = e->value;
 }
 
 void TopkStream::scan_some() {
@@ -135,7 +135,10 @@ void TopkStream::scan_some() {
   for (int64_t c = c0; c < c1; ++c) above += static_cast<int64_t>(chunks_[c].above.size());
   if (ready_ + above > k_) {  // more than k keys above hi: T > hi, the bracket missed
     valid_ = false;
-    for (int64_t c = c0; c < c1; ++c) restore_residual(chunks_[c].above);
+    for (int64_t c = c0; c < c1; ++c) {
+      const std::vector<SparseEntry>& above = chunks_[c].above;
+      restore_residual(above.data(), above.data() + above.size());
+    }
     return;
   }
   for (int64_t c = c0; c < c1; ++c) {
@@ -177,7 +180,7 @@ bool TopkStream::finish() {
 
 void TopkStream::exact() {
   TORCH_CHECK(!scanning() && !valid_, "TopkStream::exact: only after finish() returned false");
-  restore_residual(std::vector<SparseEntry>(out_, out_ + ready_));  // now r == y everywhere
+  restore_residual(out_, out_ + ready_);  // now r == y everywhere
   std::vector<float> values(k_);
   std::vector<int32_t> indices(k_);
   // y lives in r with error feedback (x may be zeroed by then), else in x (never zeroed without r).

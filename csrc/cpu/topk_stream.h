@@ -38,7 +38,7 @@ class TopkStream {
     std::vector<SparseEntry> above;       // key > hi: selected while the stream is valid
     std::vector<SparseEntry> candidates;  // lo <= key <= hi, ascending index
   };
-  void restore_residual(const std::vector<SparseEntry>& entries) const;
+  void restore_residual(const SparseEntry* begin, const SparseEntry* end) const;  // r[index] = value
 
   float* x_;
   float* r_;
