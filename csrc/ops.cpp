@@ -36,11 +36,27 @@ TORCH_LIBRARY(pyparallel, m) {
   m.def("bucket_unflatten(Tensor flat, Tensor(a!)[] tensors) -> ()");
 
   // Collectives over the torch.distributed process group named group_name (csrc/comm). In place; each
-  // returns the bytes this rank sent. verify=True first checks that every rank passed the same header.
-  m.def("ring_all_reduce_(Tensor(a!) tensor, str group_name, bool average=False, int segment_bytes=1048576,"
-        " bool verify=True) -> int");
+  // returns the payload bytes this rank sent. Every rank's header (collective, dtype, numel, options) is
+  // checked against every other's first, through the group's point-to-point transport.
+  m.def("ring_all_reduce_(Tensor(a!) tensor, str group_name, bool average=False, int segment_bytes=1048576)"
+        " -> int");
   m.def("ring_all_reduce_int8_(Tensor(a!) tensor, str group_name, bool average=False, int block_size=256,"
-        " int segment_bytes=1048576, bool verify=True) -> int");
+        " int segment_bytes=1048576) -> int");
   m.def("topk_all_reduce_(Tensor(a!) tensor, str group_name, int k, Tensor(b!)? residual=None,"
-        " bool average=False, bool verify=True) -> int");
+        " bool average=False) -> int");
+
+  // Shared memory between the ranks of one host (csrc/comm/shm.h). shm_attach maps the segment `segment`
+  // (creating it exclusively when create=True) as local rank `local_rank` of `local_size`, under the
+  // name `comm`; the collectives name it. Returns nothing: a failure raises.
+  m.def("shm_attach(str comm, str segment, int local_rank, int local_size, int[] group_ranks, int slot_bytes,"
+        " bool create, float timeout_s) -> ()");
+  m.def("shm_unlink(str segment) -> ()");
+  m.def("shm_detach(str comm) -> ()");
+  m.def("shm_all_reduce_(Tensor(a!) tensor, str comm, bool average=False) -> int");
+  // Reduce inside the host through `comm`, across hosts over the group `cross_group_name` with the given
+  // compression (0 none, 1 int8 with param = block size, 2 top-k with param = k of the whole tensor and
+  // the residual), then gather inside the host. Divides by world_size when averaging.
+  m.def("hierarchical_all_reduce_(Tensor(a!) tensor, str comm, str cross_group_name, int world_size,"
+        " bool average=False, int compression=0, int param=0, Tensor(b!)? residual=None) -> int");
+  m.def("release_group(str group_name) -> ()");
 }

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import transport as _transport
 from .ops import DEFAULT_BLOCK_SIZE
 
 _ops = torch.ops.pyparallel
+TRANSPORTS = _transport.TRANSPORTS
 
 
 @dataclass(frozen=True)
@@ -68,26 +70,71 @@ def _average(op: str) -> bool:
     return op == "avg"
 
 
-def _group_name(group) -> str:
+def _group(group) -> dist.ProcessGroup:
     if not dist.is_initialized():
         raise RuntimeError("all_reduce: torch.distributed is not initialized (call dist.init_process_group first)")
     group = group if group is not None else dist.group.WORLD
-    return group.group_name
+    if group is dist.GroupMember.NON_GROUP_MEMBER or group is None:
+        raise ValueError("all_reduce: this rank is not a member of the given process group")
+    return group
 
 
-def collective(tensor: torch.Tensor, group_name: str, average: bool, compression: Compression,
-               verify: bool) -> int:
-    """Runs one collective on the calling thread; returns the bytes this rank sent."""
+def _kind(compression: Compression):
+    """(code of the compression for the C++ ops, its parameter object)."""
     if compression is None:
-        return _ops.ring_all_reduce_(tensor, group_name, average, verify=verify)
+        return 0, None
     if compression == "int8":
         compression = Int8()
     if isinstance(compression, Int8):
-        return _ops.ring_all_reduce_int8_(tensor, group_name, average, compression.block_size, verify=verify)
+        return 1, compression
     if isinstance(compression, Topk):
-        k = compression.k_for(tensor.numel())
-        return _ops.topk_all_reduce_(tensor, group_name, k, compression.residual, average, verify=verify)
+        return 2, compression
     raise ValueError(f"all_reduce: compression must be None, 'int8', Int8(...) or Topk(...), got {compression!r}")
+
+
+def collective(tensor: torch.Tensor, group: dist.ProcessGroup, average: bool, compression: Compression,
+               transport: str = "auto") -> int:
+    """Runs one collective on the calling thread; returns the bytes this rank sent across hosts (0 when
+    it all went through shared memory)."""
+    code, params = _kind(compression)
+    path = _transport.choose(tensor, group, transport)
+    name = group.group_name
+    if path == "ring":
+        if code == 0:
+            return _ops.ring_all_reduce_(tensor, name, average)
+        if code == 1:
+            return _ops.ring_all_reduce_int8_(tensor, name, average, params.block_size)
+        return _ops.topk_all_reduce_(tensor, name, params.k_for(tensor.numel()), params.residual, average)
+    res = _transport.resources(group)
+    if path == "shm":  # one host: exact, whatever the compression (it applies across hosts only)
+        if code == 2 and params.residual is not None:
+            _apply_residual(tensor, params.residual)
+        return _ops.shm_all_reduce_(tensor, res.shared_memory(), average)
+    param = params.block_size if code == 1 else params.k_for(tensor.numel()) if code == 2 else 0
+    residual = params.residual if code == 2 else None
+    return _ops.hierarchical_all_reduce_(tensor, res.shared_memory(), res.inter_host_group(), group.size(), average,
+                                         code, param, residual)
+
+
+def _apply_residual(tensor: torch.Tensor, residual: torch.Tensor) -> None:
+    """An exact reduction sends everything: the error-feedback residual goes in and is emptied."""
+    if residual.shape != tensor.shape or residual.dtype != tensor.dtype:
+        raise ValueError(f"Topk: residual must be like the tensor ({tuple(tensor.shape)}, {tensor.dtype}), got "
+                         f"{tuple(residual.shape)}, {residual.dtype}")
+    tensor.add_(residual)
+    residual.zero_()
+
+
+def release(group: dist.ProcessGroup | None = None) -> None:
+    """Frees what pyparallel holds for ``group``: its worker thread, shared-memory mapping, inter-host
+    groups and failure state. Call it before ``dist.destroy_process_group(group)`` when the process goes
+    on (at exit everything is freed anyway)."""
+    name = (group or dist.group.WORLD).group_name
+    with _workers_lock:
+        w = _workers.pop(name, None)
+    if w is not None:
+        w.shutdown()
+    _transport.release(group)
 
 
 class _GroupWorker:
@@ -188,20 +235,25 @@ def all_reduce(
     op: str = "sum",
     compression: Compression = None,
     async_op: bool = False,
-    verify: bool = True,
+    transport: str = "auto",
 ) -> torch.futures.Future | None:
-    """All-reduce ``tensor`` in place with pyparallel's ring.
+    """All-reduce ``tensor`` in place with pyparallel's collectives.
 
     Args:
         tensor: float32, float16 or bfloat16; CPU tensors need a Gloo group, CUDA tensors an NCCL group.
-            Any shape and numel (0 included). fp16/bf16 partial sums are added in fp32 at each hop.
+            Any shape and numel (0 included). fp16/bf16 are accumulated in fp32.
         group: process group (default: the world).
         op: ``"sum"`` or ``"avg"``.
-        compression: None (exact ring), ``"int8"`` / :class:`Int8` (error bound in its docstring) or
-            :class:`Topk` (sparse all-gather with optional error feedback).
+        compression: None (exact), ``"int8"`` / :class:`Int8` (error bound in its docstring) or
+            :class:`Topk` (sparse all-gather with optional error feedback). Applied to the bytes that
+            cross hosts only: inside a host the reduction is exact (with ``Topk``, the residual is
+            added and emptied).
         async_op: return a ``torch.futures.Future`` (value: ``tensor``) instead of waiting.
-        verify: first check that every rank passed the same numel, dtype, device and options (one small
-            all-gather); a mismatch raises the same error on every rank instead of hanging.
+        transport: ``"auto"`` (by host layout and device, see :mod:`pyparallel.transport`), ``"ring"``,
+            ``"shm"`` (every rank on one host) or ``"hierarchical"``.
+
+    Every rank's header (collective, numel, dtype, options) is checked against every other's first, by
+    the transport itself; a mismatch raises the same error on every rank instead of hanging.
 
     Returns:
         None, or a future when ``async_op``. Results are bitwise identical on every rank.
@@ -212,32 +264,40 @@ def all_reduce(
         >>> fut = pyparallel.all_reduce(t, async_op=True); ...; fut.wait()
     """
     if not async_op and not tensor.is_cuda:
-        average, name = _average(op), _group_name(group)
-        if worker(name).run_inline(lambda: collective(tensor, name, average, compression, verify)):
+        average, g = _average(op), _group(group)
+        if worker(g.group_name).run_inline(lambda: collective(tensor, g, average, compression, transport)):
             return None
-    fut = submit(tensor, group, op, compression, verify)
+    fut = submit(tensor, group, op, compression, transport)
     if async_op:
         return fut
     fut.wait()
     return None
 
 
-def submit(tensor, group=None, op="sum", compression: Compression = None, verify: bool = True,
+def resolve_transport(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, transport: str = "auto") -> str:
+    """The transport that ``all_reduce(tensor, group, transport=transport)`` uses: "ring", "shm" or
+    "hierarchical" (the same answer on every rank)."""
+    return _transport.choose(tensor, _group(group), transport)
+
+
+def submit(tensor, group=None, op="sum", compression: Compression = None, transport: str = "auto",
            on_bytes=None, on_start=None) -> torch.futures.Future:
     """all_reduce(..., async_op=True) with two optional callbacks, both run on the group's worker thread:
     ``on_start()`` just before the collective starts moving bytes, ``on_bytes(n)`` once it is done with
-    the bytes this rank sent (the hooks count their traffic with it)."""
+    the bytes this rank sent across hosts (the hooks count their traffic with it)."""
     average = _average(op)
-    name = _group_name(group)
+    g = _group(group)
+    if transport not in _transport.TRANSPORTS:
+        raise ValueError(f"all_reduce: transport must be one of {_transport.TRANSPORTS}, got {transport!r}")
 
     def run():
         if on_start is not None:
             on_start()
-        sent = collective(tensor, name, average, compression, verify)
+        sent = collective(tensor, g, average, compression, transport)
         if on_bytes is not None:
             on_bytes(sent)
 
-    w = worker(name)
+    w = worker(g.group_name)
     if w.on_worker_thread():
         # Called from a callback of one of this group's futures: queueing behind the job that runs the
         # callback would wait forever, so run now. Every rank's callbacks run in the same order, so the

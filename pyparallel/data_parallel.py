@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import hooks, ops
+from .transport import TRANSPORTS
 from .grad_bucket import Bucket
 
 MB = 1024 * 1024
@@ -43,6 +44,9 @@ class DataParallel(nn.Module):
             own with the same signature (the one DDP's ``register_comm_hook`` takes). Default:
             :func:`hooks.allreduce_hook`.
         hook_state: the hook's state (default: a :class:`hooks.HookState` on ``process_group``).
+        transport: which transport the hook's collectives use (``"auto"``, ``"ring"``, ``"shm"``,
+            ``"hierarchical"``; see :mod:`pyparallel.transport`); sets ``hook_state.transport``. Default:
+            the state's own (``"auto"`` unless set there).
         find_unused_parameters: allow parameters that get no gradient in a backward (they count as zero);
             without it such a backward raises an error naming them.
         broadcast_buffers: broadcast rank 0's buffers (e.g. BatchNorm statistics) at every forward.
@@ -56,7 +60,7 @@ class DataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, process_group: dist.ProcessGroup | None = None, bucket_cap_mb: float = 25,
                  comm_hook=None, hook_state=None, find_unused_parameters: bool = False,
-                 broadcast_buffers: bool = True, first_bucket_mb: float = 1):
+                 broadcast_buffers: bool = True, first_bucket_mb: float = 1, transport: str | None = None):
         super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("DataParallel: torch.distributed is not initialized (call dist.init_process_group first)")
@@ -64,6 +68,10 @@ class DataParallel(nn.Module):
         self.process_group = process_group
         self.comm_hook = comm_hook if comm_hook is not None else hooks.allreduce_hook
         self.hook_state = hook_state if hook_state is not None else hooks.HookState(process_group)
+        if transport is not None:
+            if transport not in TRANSPORTS:
+                raise ValueError(f"DataParallel: transport must be one of {TRANSPORTS}, got {transport!r}")
+            self.hook_state.transport = transport
         self.find_unused_parameters = find_unused_parameters
         self.broadcast_buffers = broadcast_buffers
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]

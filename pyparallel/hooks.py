@@ -40,33 +40,30 @@ class HookState:
 
     Args:
         process_group: group to average over (default: the world).
+        transport: ``"auto"`` (by host layout: shared memory on one host, hierarchical across hosts, see
+            :mod:`pyparallel.transport`), ``"ring"``, ``"shm"`` or ``"hierarchical"``. A hook's
+            compression applies to the bytes that cross hosts; inside a host the reduction is exact.
 
-    ``bytes_sent`` counts the bytes this rank put on the wire through the hook. The state pickles
+    ``bytes_sent`` counts the bytes this rank put on the wire (across hosts) through the hook. The state pickles
     without its process group (set it again after unpickling, or leave None for the world), and
     ``state_dict()`` / ``load_state_dict()`` carry everything that must survive a checkpoint.
     """
 
-    __slots__ = ("process_group", "bytes_sent", "buckets_reduced", "_verified")
+    __slots__ = ("process_group", "transport", "bytes_sent", "buckets_reduced")
 
-    def __init__(self, process_group: dist.ProcessGroup | None = None):
+    def __init__(self, process_group: dist.ProcessGroup | None = None, transport: str = "auto"):
+        if transport not in comm.TRANSPORTS:
+            raise ValueError(f"{type(self).__name__}: transport must be one of {comm.TRANSPORTS}, got {transport!r}")
         self.process_group = process_group
+        self.transport = transport
         self.bytes_sent = 0
         self.buckets_reduced = 0
-        self._verified: set = set()
 
     def world_size(self) -> int:
         return dist.get_world_size(self.process_group)
 
     def _count(self, sent: int) -> None:
         self.bytes_sent += sent
-
-    def _first_time(self, bucket) -> bool:
-        """Check a bucket layout across ranks once (the cheap header exchange), not on every step."""
-        key = (bucket.index(), bucket.buffer().numel(), bucket.buffer().dtype)
-        if key in self._verified:
-            return False
-        self._verified.add(key)
-        return True
 
     def state_dict(self) -> dict:
         return {"bytes_sent": self.bytes_sent, "buckets_reduced": self.buckets_reduced}
@@ -89,8 +86,9 @@ class Int8State(HookState):
 
     __slots__ = ("block_size",)
 
-    def __init__(self, process_group: dist.ProcessGroup | None = None, block_size: int = DEFAULT_BLOCK_SIZE):
-        super().__init__(process_group)
+    def __init__(self, process_group: dist.ProcessGroup | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                 transport: str = "auto"):
+        super().__init__(process_group, transport)
         if block_size <= 0:
             raise ValueError(f"Int8State: block_size must be positive, got {block_size}")
         self.block_size = block_size
@@ -112,8 +110,8 @@ class TopkState(HookState):
     __slots__ = ("ratio", "warmup_steps", "error_feedback", "iteration", "residuals")
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, ratio: float = 0.01, warmup_steps: int = 0,
-                 error_feedback: bool = True):
-        super().__init__(process_group)
+                 error_feedback: bool = True, transport: str = "auto"):
+        super().__init__(process_group, transport)
         if not 0 < ratio <= 1:
             raise ValueError(f"TopkState: ratio must be in (0, 1], got {ratio}")
         if warmup_steps < 0:
@@ -144,8 +142,7 @@ class TopkState(HookState):
 
 def _average(state: HookState, bucket, tensor: torch.Tensor, compression=None, op: str = "avg") -> torch.futures.Future:
     state.buckets_reduced += 1
-    return comm.submit(tensor, state.process_group, op, compression, verify=state._first_time(bucket),
-                       on_bytes=state._count)
+    return comm.submit(tensor, state.process_group, op, compression, state.transport, on_bytes=state._count)
 
 
 def allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -204,15 +204,26 @@ def _bucket_unflatten_fake(flat, tensors):
 
 # The collectives mutate their input in place and return the bytes sent, which a trace cannot know: 0.
 @torch.library.register_fake("pyparallel::ring_all_reduce_")
-def _ring_all_reduce_fake(tensor, group_name, average=False, segment_bytes=0, verify=True):
+def _ring_all_reduce_fake(tensor, group_name, average=False, segment_bytes=0):
     return 0
 
 
 @torch.library.register_fake("pyparallel::ring_all_reduce_int8_")
-def _ring_all_reduce_int8_fake(tensor, group_name, average=False, block_size=0, segment_bytes=0, verify=True):
+def _ring_all_reduce_int8_fake(tensor, group_name, average=False, block_size=0, segment_bytes=0):
     return 0
 
 
 @torch.library.register_fake("pyparallel::topk_all_reduce_")
-def _topk_all_reduce_fake(tensor, group_name, k, residual=None, average=False, verify=True):
+def _topk_all_reduce_fake(tensor, group_name, k, residual=None, average=False):
+    return 0
+
+
+@torch.library.register_fake("pyparallel::shm_all_reduce_")
+def _shm_all_reduce_fake(tensor, comm, average=False):
+    return 0
+
+
+@torch.library.register_fake("pyparallel::hierarchical_all_reduce_")
+def _hierarchical_all_reduce_fake(tensor, comm, cross_group_name, world_size, average=False, compression=0, param=0,
+                                  residual=None):
     return 0

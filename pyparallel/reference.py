@@ -179,3 +179,48 @@ def topk_all_reduce(inputs: list[torch.Tensor], k: int, residuals: list | None =
         values, indices = topk_compress(x, k, residuals[r] if residuals else None)
         out.index_add_(0, indices, values / len(inputs) if average else values)
     return out.view(inputs[0].shape)
+
+
+SHM_ALIGN = 16  # elements: regions of the shared-memory collectives (csrc/comm/shm.cpp, kAlign)
+
+
+def shm_regions(numel: int, n: int) -> list[slice]:
+    """Region q of a tensor of numel elements on n local ranks (Note [Shared-memory collectives])."""
+    per = -(-(-(-numel // n)) // SHM_ALIGN) * SHM_ALIGN if numel else 0
+    return [slice(min(q * per, numel), min((q + 1) * per, numel)) for q in range(n)]
+
+
+def shm_all_reduce(inputs: list[torch.Tensor], average: bool = False) -> torch.Tensor:
+    """Sum over ranks in rank order, accumulated in fp32, divided by n when averaging, rounded once."""
+    acc = inputs[0].reshape(-1).float().clone()
+    for x in inputs[1:]:
+        acc += x.reshape(-1).float()
+    if average:
+        acc = acc / torch.full_like(acc, len(inputs))  # true division, elementwise, as the kernel does
+    return acc.to(inputs[0].dtype).view(inputs[0].shape)
+
+
+def hierarchical_all_reduce(inputs: list[torch.Tensor], hosts: list[list[int]], average: bool = False,
+                            compression: str | None = None, block_size: int = 256, k: int = 0,
+                            residuals: list | None = None) -> torch.Tensor:
+    """Note [Hierarchical all-reduce]: each host's sum (shm order), each region all-reduced across hosts by
+    the ring the compression names (residuals: per rank, updated in place for the region it owns), divided
+    by the world size when averaging, gathered. ``hosts[h]`` lists host h's ranks in local order."""
+    numel, world = inputs[0].numel(), len(inputs)
+    sums = [shm_all_reduce([inputs[r] for r in host]).reshape(-1) for host in hosts]
+    out = torch.empty_like(sums[0])
+    for l, region in enumerate(shm_regions(numel, len(hosts[0]))):
+        parts = [s[region].clone() for s in sums]
+        if compression is None:
+            got = ring_all_reduce(parts)
+        elif compression == "int8":
+            got = ring_all_reduce_int8(parts, block_size=block_size)
+        else:
+            m = region.stop - region.start
+            k_region = min(m, -(-k * m // numel)) if numel else 0
+            res = [residuals[host[l]].reshape(-1)[region] for host in hosts] if residuals is not None else None
+            got = topk_all_reduce(parts, k_region, res)
+        if average:
+            got = got.div_(world)
+        out[region] = got
+    return out.view(inputs[0].shape)

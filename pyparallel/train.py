@@ -25,13 +25,15 @@ from torch import nn
 
 from . import hooks
 from .data_parallel import DataParallel
+from .transport import TRANSPORTS
 
 HOOKS = {
-    "allreduce": (hooks.allreduce_hook, lambda a: hooks.HookState()),
-    "fp16": (hooks.fp16_hook, lambda a: hooks.HookState()),
-    "bf16": (hooks.bf16_hook, lambda a: hooks.HookState()),
-    "int8": (hooks.int8_hook, lambda a: hooks.Int8State(block_size=a.block_size)),
-    "topk": (hooks.topk_hook, lambda a: hooks.TopkState(ratio=a.ratio, warmup_steps=a.warmup_steps)),
+    "allreduce": (hooks.allreduce_hook, lambda a: hooks.HookState(transport=a.transport)),
+    "fp16": (hooks.fp16_hook, lambda a: hooks.HookState(transport=a.transport)),
+    "bf16": (hooks.bf16_hook, lambda a: hooks.HookState(transport=a.transport)),
+    "int8": (hooks.int8_hook, lambda a: hooks.Int8State(block_size=a.block_size, transport=a.transport)),
+    "topk": (hooks.topk_hook,
+             lambda a: hooks.TopkState(ratio=a.ratio, warmup_steps=a.warmup_steps, transport=a.transport)),
 }
 
 
@@ -70,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.01, help="top-k: fraction of each bucket sent")
     p.add_argument("--warmup-steps", type=int, default=0, help="top-k: dense steps first")
     p.add_argument("--block-size", type=int, default=256, help="int8: elements per quantization block")
+    p.add_argument("--transport", choices=list(TRANSPORTS), default="auto",
+                   help="auto: shared memory on one host, hierarchical across hosts (the hook's compression "
+                        "applies across hosts only); ring: our ring over Gloo/NCCL everywhere")
     p.add_argument("--bucket-cap-mb", type=float, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", metavar="PREFIX", help="save PREFIX.rank<r>.pt at the end of every epoch")

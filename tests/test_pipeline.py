@@ -433,7 +433,7 @@ def _grid_pyparallel_int8_hook(seed):
     from pyparallel import hooks
 
     got, expected, half_step = _grid_case(seed, torch.float32, hooks.int8_hook,
-                                          lambda grid: hooks.Int8State(process_group=grid.data_group))
+                                          lambda grid: hooks.Int8State(process_group=grid.data_group, transport="ring"))
     # The int8 ring over 2 replicas: ((1 + 1/254)^2 - 1) * (sum of both block absmaxes) / 2 per element
     # (pyparallel.Int8), at most ((1 + 1/254)^2 - 1) * local max = 2.004 * half_step.
     for name, grad in got.items():

@@ -35,6 +35,11 @@ def _all_inputs(seed, shape, dtype, world):
     return [(torch.randn(shape, generator=g) * (r + 1)).to(dtype) for r in range(world)]
 
 
+def _all_reduce(*args, **kwargs):
+    """pyparallel.all_reduce on the ring (these tests are about the ring; test_transport.py has the rest)."""
+    return pyparallel.all_reduce(*args, transport="ring", **kwargs)
+
+
 def _group():
     return dist.group.WORLD.group_name
 
@@ -51,7 +56,7 @@ def _dense_cases(seed):
                 expect = ref.ring_all_reduce(xs, average)
                 # default segments through the front door, and tiny segments (deep pipelines) through the op
                 t = xs[rank].clone()
-                pyparallel.all_reduce(t, op="avg" if average else "sum")
+                _all_reduce(t, op="avg" if average else "sum")
                 assert torch.equal(t, expect), (dtype, numel, average)
                 t2 = xs[rank].clone()
                 sent = _ops.ring_all_reduce_(t2, _group(), average, segment_bytes=256)
@@ -75,11 +80,11 @@ def _shape_cases(seed):
     rank, n = dist.get_rank(), dist.get_world_size()
     xs = _all_inputs(seed, (3, 7, 11), torch.float32, n)
     t = xs[rank].clone()
-    pyparallel.all_reduce(t)
+    _all_reduce(t)
     assert t.shape == (3, 7, 11) and torch.equal(t, ref.ring_all_reduce(xs))
     # non-contiguous input: reduced in place through a contiguous copy
     base = xs[rank].clone().transpose(0, 2)
-    pyparallel.all_reduce(base)
+    _all_reduce(base)
     assert torch.equal(base, ref.ring_all_reduce([x.transpose(0, 2) for x in xs]))
     return _digest(t)
 
@@ -93,7 +98,7 @@ def _int8_cases(seed):
                 for block in (256, 33):
                     xs = _all_inputs(seed + numel + block, (numel,), dtype, n)
                     t = xs[rank].clone()
-                    pyparallel.all_reduce(t, op="avg" if average else "sum", compression=pyparallel.Int8(block))
+                    _all_reduce(t, op="avg" if average else "sum", compression=pyparallel.Int8(block))
                     expect = ref.ring_all_reduce_int8(xs, average, block)
                     assert torch.equal(t, expect), (dtype, numel, average, block)
                     if 1000 < numel < 100_000:  # deep pipelines: segments of three blocks, through the op
@@ -127,7 +132,7 @@ def _topk_cases(seed):
                     xs = _all_inputs(seed + numel + step, (numel,), dtype, n)
                     t = xs[rank].clone()
                     old = mine.clone()
-                    pyparallel.all_reduce(t, op="avg" if average else "sum",
+                    _all_reduce(t, op="avg" if average else "sum",
                                           compression=pyparallel.Topk(k=k, residual=mine))
                     expect = ref.topk_all_reduce(xs, k, residuals, average)
                     assert torch.equal(t, expect), (dtype, numel, average, step)
@@ -185,14 +190,14 @@ def _async_progress():
     """A Python loop keeps running while a large all-reduce moves bytes in C++ (the GIL is released)."""
     t = torch.ones(8 << 20)
     t0 = time.perf_counter()
-    fut = pyparallel.all_reduce(t, async_op=True)
+    fut = _all_reduce(t, async_op=True)
     spins = 0
     while not fut.done():
         spins += 1
     elapsed = time.perf_counter() - t0
     assert fut.wait() is t and bool((t == dist.get_world_size()).all())
     sync = torch.ones(8 << 20)
-    assert pyparallel.all_reduce(sync) is None and torch.equal(sync, t)
+    assert _all_reduce(sync) is None and torch.equal(sync, t)
     return spins, elapsed
 
 
@@ -205,11 +210,11 @@ def _collective_from_callback():
 
     def callback(fut):
         threads.append(threading.current_thread().name)
-        pyparallel.all_reduce(small)                         # sync
-        pyparallel.all_reduce(small, async_op=True).wait()   # async
+        _all_reduce(small)                         # sync
+        _all_reduce(small, async_op=True).wait()   # async
         return fut.value()
 
-    pyparallel.all_reduce(big, async_op=True).then(callback).wait()
+    _all_reduce(big, async_op=True).then(callback).wait()
     assert bool((big == n).all()) and bool((small == 2.0 * n * n).all())
     return threads
 
@@ -227,9 +232,9 @@ def _mismatch(kind):
     before = t.clone()
     try:
         if kind == "op":
-            pyparallel.all_reduce(t, op="avg" if rank == 0 else "sum")
+            _all_reduce(t, op="avg" if rank == 0 else "sum")
         else:
-            pyparallel.all_reduce(t)
+            _all_reduce(t)
     except RuntimeError as e:
         assert torch.equal(t, before), "a failed collective must not touch the tensor"
         msg = str(e).splitlines()[0]
@@ -237,7 +242,7 @@ def _mismatch(kind):
         msg = None
     # the group is still usable afterwards
     ok = torch.ones(10)
-    pyparallel.all_reduce(ok)
+    _all_reduce(ok)
     assert bool((ok == dist.get_world_size()).all())
     return msg
 
@@ -253,7 +258,7 @@ def _die_mid_operation(kind):
     while time.monotonic() < deadline:
         t0 = time.monotonic()
         try:
-            pyparallel.all_reduce(t, op="avg", compression=compression)
+            _all_reduce(t, op="avg", compression=compression)
         except RuntimeError as e:
             return time.monotonic() - t0, str(e).splitlines()[0]
     return None, None

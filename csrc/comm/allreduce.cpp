@@ -4,7 +4,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "comm/collectives.h"
 #include "comm/ring.h"
+#include "comm/session.h"
 #include "common.h"
 
 namespace pyparallel {
@@ -12,13 +14,6 @@ namespace {
 
 constexpr int64_t kDenseAlign = 16;  // elements: chunk starts stay 64-byte aligned for fp32
 constexpr int64_t kRecvBuffers = 3;  // reduce-scatter receive buffers: two ops may run ahead of the reduction
-
-enum Kind : int64_t { kDense = 0, kInt8 = 1 };
-
-CollectiveHeader header_of(const at::Tensor& t, Kind kind, bool average, int64_t param) {
-  return {kind, static_cast<int64_t>(t.scalar_type()), t.numel(), average, param,
-          static_cast<int64_t>(t.device().type())};
-}
 
 // Last hop of an averaging reduce-scatter: (partial + own) / n, rounded once to the tensor's dtype.
 void add_and_average(at::Tensor& dst, const at::Tensor& got, int n) {
@@ -35,11 +30,11 @@ void add_and_average(at::Tensor& dst, const at::Tensor& got, int n) {
 // its total. Each hop adds in fp32 and rounds to the tensor's dtype (partial sums travel in the
 // tensor's dtype, as in NCCL). All-gather: rank r forwards the finished chunk r + 1 and every chunk it
 // receives, unchanged, so every rank ends with the same bits.
-int64_t ring_all_reduce(at::Tensor& tensor, const std::string& group, bool average, int64_t segment_bytes,
-                        bool verify) {
+}  // namespace
+
+int64_t ring_all_reduce(at::Tensor& tensor, const std::string& group, bool average, int64_t segment_bytes) {
   const char* op = "ring_all_reduce_";
-  Ring ring(group, tensor);
-  if (verify) ring.verify(header_of(tensor, kDense, average, 0), op);
+  Session ring(group, tensor, CollectiveHeader::of(tensor, Collective::kDense, average, 0, segment_bytes), op);
   check_float_tensor(tensor, op, "tensor");
   TORCH_CHECK(segment_bytes > 0, op, ": segment_bytes must be positive, got ", segment_bytes);
   const int n = ring.size(), r = ring.rank();
@@ -86,6 +81,8 @@ int64_t ring_all_reduce(at::Tensor& tensor, const std::string& group, bool avera
   return ring.bytes_sent();
 }
 
+namespace {
+
 // Our int8 ops, reached through the dispatcher so the device's own kernels run.
 void quantize_into(at::Tensor& q, at::Tensor& scales, const at::Tensor& x, int64_t block_size,
                    const std::optional<at::Tensor>& add_q, const std::optional<at::Tensor>& add_scales,
@@ -112,11 +109,13 @@ void dequantize_into(at::Tensor& out, const at::Tensor& q, const at::Tensor& sca
 // forwards those final int8 chunks unchanged, and every rank decodes the same bytes (each segment as
 // soon as it arrives), so all ranks agree bitwise. Chunk c is quantized n times in all (x_c first,
 // then each partial), which gives the error bound stated in pyparallel.comm.Int8.
+}  // namespace
+
 int64_t ring_all_reduce_int8(at::Tensor& tensor, const std::string& group, bool average, int64_t block_size,
-                             int64_t segment_bytes, bool verify) {
+                             int64_t segment_bytes) {
   const char* op = "ring_all_reduce_int8_";
-  Ring ring(group, tensor);
-  if (verify) ring.verify(header_of(tensor, kInt8, average, block_size), op);
+  Session ring(group, tensor,
+               CollectiveHeader::of(tensor, Collective::kInt8, average, block_size, segment_bytes), op);
   check_float_tensor(tensor, op, "tensor");
   check_block_size(block_size, op);
   TORCH_CHECK(segment_bytes > 0, op, ": segment_bytes must be positive, got ", segment_bytes);
@@ -186,7 +185,6 @@ int64_t ring_all_reduce_int8(at::Tensor& tensor, const std::string& group, bool 
   return ring.bytes_sent();
 }
 
-}  // namespace
 }  // namespace pyparallel
 
 TORCH_LIBRARY_IMPL(pyparallel, CompositeExplicitAutograd, m) {

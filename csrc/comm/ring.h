@@ -1,80 +1,16 @@
-// A ring over a torch.distributed process group: each rank sends to rank + 1 and receives from rank - 1,
-// using the group's own point-to-point send/recv (Gloo for CPU tensors, NCCL for CUDA tensors).
-// No sockets, launcher or rendezvous of our own: the group is found by name with
-// c10d::resolve_process_group, exactly as torch's functional collectives do.
+// Pieces of the ring algorithms (allreduce.cpp, sparse.cpp): how a tensor is cut into chunks and
+// pipeline segments, and the order in which a ring phase posts and consumes its steps. The messages
+// themselves go through a Session (session.h); at step s rank r sends to rank + 1 and receives from
+// rank - 1.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
-
-#include <deque>
+#include <algorithm>
+#include <cstdint>
 #include <string>
-#include <vector>
+
+#include <ATen/ATen.h>
 
 namespace pyparallel {
-
-// Tags of our point-to-point messages: far above the small tags users pass to dist.send/recv.
-constexpr int kTagBase = 0x3A000000;
-constexpr int kTagSpan = 1 << 20;
-
-// Header fields every rank must agree on before a collective moves data (see Ring::verify).
-struct CollectiveHeader {
-  int64_t kind;      // which collective (dense / int8 / top-k)
-  int64_t dtype;     // at::ScalarType
-  int64_t numel;
-  int64_t average;   // 0 = sum, 1 = average
-  int64_t param;     // block size (int8), k (top-k), 0 otherwise
-  int64_t device;    // at::DeviceType
-};
-
-// One step of the ring: a send to the next rank and a receive from the previous one, either possibly
-// empty. On NCCL both are posted as one coalesced group (with two ranks, next == prev and two separate
-// NCCL calls on one stream would deadlock); on Gloo they are independent and progress in Gloo's IO thread.
-struct RingStep {
-  c10::intrusive_ptr<c10d::Work> send;
-  c10::intrusive_ptr<c10d::Work> recv;  // on NCCL: the coalesced work for both
-  std::vector<at::Tensor> keep;         // tensors the transport may touch until the step completes
-  bool send_done = false, recv_done = false;
-};
-
-class Ring {
- public:
-  Ring(const std::string& group_name, const at::Tensor& like);
-  ~Ring();
-  Ring(const Ring&) = delete;
-  Ring& operator=(const Ring&) = delete;
-
-  int rank() const { return rank_; }
-  int size() const { return size_; }
-
-  // Raises the same error on every rank if any rank's header differs (one small all-gather).
-  void verify(const CollectiveHeader& header, const char* op);
-
-  // Posts send -> next and prev -> recv and returns the step's id; `seq` numbers the message within the
-  // collective (it becomes the tag, so Gloo matches messages exactly even with many in flight).
-  size_t post(const at::Tensor& send, const at::Tensor& recv, int64_t seq);
-  // Point-to-point outside the ring pattern (the sparse all-gather talks to every peer directly).
-  size_t post_send(const at::Tensor& send, int peer, int64_t seq);
-  size_t post_recv(const at::Tensor& recv, int peer, int64_t seq);
-  void wait_recv(size_t step);  // the received data may be used after this (stream-ordered on CUDA)
-  void wait(size_t step);       // both directions done
-
-  // Waits for every step; call before returning normally. If a collective throws instead, the
-  // destructor keeps the unfinished steps' works and buffers alive for good: the transport may still
-  // write into them, and a leak is better than a use-after-free.
-  void finish();
-  int64_t bytes_sent() const { return bytes_sent_; }
-
- private:
-  size_t record(RingStep step, int64_t sent_bytes);  // derives the done flags; returns the step's id
-
-  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
-  int rank_ = 0, size_ = 1, next_ = 0, prev_ = 0;
-  bool coalesce_ = false;  // CUDA tensors: NCCL
-  c10::Device device_{c10::kCPU};
-  int64_t bytes_sent_ = 0;
-  std::deque<RingStep> steps_;
-};
 
 // Splits numel elements into n chunks whose sizes are multiples of `align` (the last chunks may be
 // shorter or empty), and each chunk into `segments` pipeline segments of equal aligned size.

@@ -7,14 +7,15 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "comm/collectives.h"
 #include "comm/ring.h"
+#include "comm/session.h"
 #include "common.h"
 #include "cpu/topk_stream.h"
 
 namespace pyparallel {
 namespace {
 
-constexpr int64_t kTopkKind = 2;
 constexpr int64_t kSlotAlign = 8;  // bytes: the index and value parts of a slot stay aligned
 
 std::tuple<at::Tensor, at::Tensor> topk(const at::Tensor& x, int64_t k, const std::optional<at::Tensor>& residual,
@@ -44,9 +45,8 @@ void scatter_add(at::Tensor& out, const at::Tensor& indices, const at::Tensor& v
 // one message of all k exact entries. Decoding is the same as below: rank order, values / n for avg.
 constexpr int64_t kMinMessageEntries = 4096;  // 32 KB: per-message costs stay small
 constexpr int64_t kMaxMessages = 4;
-constexpr int64_t kDecodeAhead = 64;  // the decode's writes land all over the tensor: prefetch them
 
-int64_t topk_all_reduce_streamed(at::Tensor& tensor, Ring& ring, int64_t k,
+int64_t topk_all_reduce_streamed(at::Tensor& tensor, Session& ring, int64_t k,
                                  const std::optional<at::Tensor>& residual, bool average) {
   const int n = ring.size(), me = ring.rank();
   const int64_t numel = tensor.numel();
@@ -99,20 +99,10 @@ int64_t topk_all_reduce_streamed(at::Tensor& tensor, Ring& ring, int64_t k,
   // final here: this rank's own now, a peer's message by message as it arrives, so most of the decoding
   // overlaps the last bytes on the wire. A peer's streamed entries stand only if its status says so at
   // the end; until then an undo log keeps the values they overwrote.
-  const float div = static_cast<float>(n);
+  const float div = average ? static_cast<float>(n) : 1.0f;
   std::vector<float> undo(k);
   auto decode = [&](int q, int64_t begin, int64_t end, float* log) {
-    const SparseEntry* e = entries_of(q);
-    for (int64_t j = begin; j < end; ++j) {
-      TORCH_CHECK(e[j].index >= 0 && e[j].index < numel, "topk_all_reduce_: rank ", q, " sent index ", e[j].index,
-                  " out of range [0, ", numel, ")");
-    }
-    for (int64_t j = begin; j < end; ++j) {
-      if (j + kDecodeAhead < end) __builtin_prefetch(x + e[j + kDecodeAhead].index, /*rw=*/1);
-      float& out = x[e[j].index];
-      if (log != nullptr) log[j] = out;
-      out = out + (average ? e[j].value / div : e[j].value);
-    }
+    scatter_add_entries(x, numel, entries_of(q) + begin, end - begin, div, log == nullptr ? nullptr : log + begin, q);
   };
   for (int q = 0; q < n; ++q) {
     if (q == me) {
@@ -137,19 +127,21 @@ int64_t topk_all_reduce_streamed(at::Tensor& tensor, Ring& ring, int64_t k,
   return ring.bytes_sent();
 }
 
+}  // namespace
+
 int64_t topk_all_reduce(at::Tensor& tensor, const std::string& group, int64_t k,
-                        const std::optional<at::Tensor>& residual, bool average, bool verify) {
+                        const std::optional<at::Tensor>& residual, bool average) {
   const char* op = "topk_all_reduce_";
-  Ring ring(group, tensor);
-  if (verify) {
-    ring.verify({kTopkKind, static_cast<int64_t>(tensor.scalar_type()), tensor.numel(), average, k,
-                 static_cast<int64_t>(tensor.device().type())},
-                op);
-  }
+  Session ring(group, tensor, CollectiveHeader::of(tensor, Collective::kTopk, average, k), op);
   const at::ScalarType itype = tensor.numel() <= INT32_MAX ? at::kInt : at::kLong;
   check_topk_args(tensor, k, residual, itype, op);
   const int n = ring.size(), r = ring.rank();
-  if (n > 1 && k > 0 && tensor.device().is_cpu() && tensor.scalar_type() == at::kFloat && tensor.is_contiguous() &&
+  if (k == 0) {  // nothing is sent (every rank agreed on k in the header): all of x stays in the residual
+    if (residual.has_value()) residual->view(-1).add_(tensor.reshape(-1));
+    tensor.zero_();
+    return 0;
+  }
+  if (n > 1 && tensor.device().is_cpu() && tensor.scalar_type() == at::kFloat && tensor.is_contiguous() &&
       itype == at::kInt) {
     return topk_all_reduce_streamed(tensor, ring, k, residual, average);
   }
@@ -192,7 +184,6 @@ int64_t topk_all_reduce(at::Tensor& tensor, const std::string& group, int64_t k,
   return ring.bytes_sent();
 }
 
-}  // namespace
 }  // namespace pyparallel
 
 TORCH_LIBRARY_IMPL(pyparallel, CompositeExplicitAutograd, m) {

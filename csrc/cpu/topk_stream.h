@@ -6,14 +6,9 @@
 #include <cstdint>
 #include <vector>
 
-namespace pyparallel {
+#include "cpu/sparse_entries.h"
 
-// One selected element as it travels: 8 bytes, index then value.
-struct SparseEntry {
-  int32_t index;
-  float value;
-};
-static_assert(sizeof(SparseEntry) == 8, "SparseEntry is the wire format");
+namespace pyparallel {
 
 class TopkStream {
  public:

@@ -1,0 +1,163 @@
+// Session: tags, header check, transfers and their keep-alive for one collective; see session.h.
+#include "comm/session.h"
+
+#include <mutex>
+#include <unordered_map>
+
+namespace pyparallel {
+namespace {
+
+struct GroupState {
+  int64_t collectives = 0;  // collectives started on the group (Note [Message tags])
+  std::string failure;      // set once a collective failed in flight
+};
+
+std::mutex& state_mutex() {
+  static auto* m = new std::mutex();
+  return *m;
+}
+std::unordered_map<std::string, GroupState>& states() {
+  static auto* s = new std::unordered_map<std::string, GroupState>();  // never destroyed: see graveyard
+  return *s;
+}
+
+// Steps of collectives that threw: kept alive forever (see Session::finish).
+std::vector<std::shared_ptr<void>>& graveyard() {
+  static auto* steps = new std::vector<std::shared_ptr<void>>();
+  return *steps;
+}
+
+void mark_failed(const std::string& group, const std::string& why) {
+  std::lock_guard<std::mutex> lock(state_mutex());
+  std::string& failure = states()[group].failure;
+  if (failure.empty()) failure = why;
+}
+
+}  // namespace
+
+void release_group_state(const std::string& group) {
+  std::lock_guard<std::mutex> lock(state_mutex());
+  states().erase(group);
+}
+
+Session::Session(const std::string& group, const at::Tensor& like, const CollectiveHeader& header, const char* op)
+    : group_(group) {
+  {
+    std::lock_guard<std::mutex> lock(state_mutex());
+    GroupState& s = states()[group];
+    TORCH_CHECK(s.failure.empty(), op, ": an earlier collective on process group '", group,
+                "' failed while messages were in flight, so the ranks no longer agree on what comes next: ",
+                s.failure, " (create a new process group to go on)");
+    window_ = s.collectives++ % kTagWindows;
+  }
+  device_ = like.device();
+  transport_ = transport_for(group, like);
+  rank_ = transport_->rank();
+  size_ = transport_->size();
+  if (size_ > 1) exchange_headers(header, op);
+}
+
+Session::~Session() {
+  bool unfinished = false;
+  for (const Step& s : steps_) unfinished = unfinished || s.send || s.recv;
+  if (!unfinished) return;
+  mark_failed(group_, "a collective raised before its transfers completed");
+  auto kept = std::make_shared<std::deque<Step>>(std::move(steps_));
+  std::lock_guard<std::mutex> lock(state_mutex());
+  graveyard().push_back(kept);
+}
+
+template <class F>
+auto Session::guarded(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    mark_failed(group_, e.what());
+    throw;
+  }
+}
+
+int Session::tag(int64_t seq) const {
+  return kTagBase + static_cast<int>(window_ * kTagSpan + seq % kTagSpan);
+}
+
+// Every rank learns every rank's header: straight from each peer where the transport allows independent
+// transfers (one round), else by a ring all-gather (n - 1 exchanges). Either way only this collective's
+// own tags are used, so nothing can cross a collective the caller runs on the same group meanwhile.
+void Session::exchange_headers(const CollectiveHeader& header, const char* op) {
+  constexpr int kFields = CollectiveHeader::kFields;
+  at::Tensor all = at::empty({size_, kFields}, at::kLong);
+  const auto mine = header.fields();
+  std::copy(mine.begin(), mine.end(), all[rank_].data_ptr<int64_t>());
+  const int64_t seq = kTagSpan - 1;  // the window's last tag: data messages never get that far
+  if (transport_->independent_transfers()) {
+    std::vector<size_t> ids;
+    for (int q = 0; q < size_; ++q) {
+      if (q == rank_) continue;
+      ids.push_back(post_recv(all[q], q, seq));
+      ids.push_back(post_send(all[rank_], q, seq));
+    }
+    for (size_t id : ids) wait(id);
+  } else {  // NCCL: a ring all-gather of the rows, on the collective's device
+    at::Tensor rows = all.to(device_);
+    for (int s = 0; s < size_ - 1; ++s) {
+      const int send_row = (rank_ - s + size_) % size_, recv_row = (rank_ - s - 1 + size_) % size_;
+      wait(post(rows[send_row], rows[recv_row], seq - s));
+    }
+    all = rows.cpu();
+  }
+  finish();
+  bytes_sent_ = 0;  // bytes_sent() counts the collective's payload
+  check_headers_agree(all.const_data_ptr<int64_t>(), size_, op);
+}
+
+size_t Session::record(Step step, int64_t sent_bytes) {
+  bytes_sent_ += sent_bytes;
+  steps_.push_back(std::move(step));
+  return steps_.size() - 1;
+}
+
+size_t Session::post(const at::Tensor& send, const at::Tensor& recv, int64_t seq) {
+  Step step;
+  std::tie(step.send, step.recv) = guarded([&] { return transport_->exchange(send, next(), recv, prev(), tag(seq)); });
+  step.keep = {send, recv};
+  return record(std::move(step), send.numel() * send.element_size());
+}
+
+size_t Session::post_send(const at::Tensor& send, int peer, int64_t seq) {
+  Step step;
+  step.send = guarded([&] { return transport_->send(send, peer, tag(seq)); });
+  step.keep = {send};
+  return record(std::move(step), send.numel() * send.element_size());
+}
+
+size_t Session::post_recv(const at::Tensor& recv, int peer, int64_t seq) {
+  Step step;
+  step.recv = guarded([&] { return transport_->recv(recv, peer, tag(seq)); });
+  step.keep = {recv};
+  return record(std::move(step), 0);
+}
+
+void Session::wait_recv(size_t id) {
+  Step& s = steps_.at(id);
+  if (s.recv) {
+    guarded([&] { s.recv->wait(); });
+    s.recv.reset();
+  }
+}
+
+void Session::wait(size_t id) {
+  wait_recv(id);
+  Step& s = steps_.at(id);
+  if (s.send) {
+    guarded([&] { s.send->wait(); });
+    s.send.reset();
+  }
+}
+
+void Session::finish() {
+  for (size_t i = 0; i < steps_.size(); ++i) wait(i);
+  steps_.clear();
+}
+
+}  // namespace pyparallel

@@ -1,0 +1,98 @@
+// Collectives through POSIX shared memory between the ranks of one host (CPU tensors).
+//
+// Note [Shared-memory collectives]
+// One segment per (process group, host), created exclusively under a job-unique name by the host's
+// first rank, opened by the others, and unlinked by the creator as soon as every local rank has mapped
+// it (pyparallel/transport.py runs that handshake through the group's store), so nothing is left in
+// /dev/shm even if a rank is killed later. The segment has a fixed size: a control block per local rank
+// and two sets of L slots of slot_bytes (L = local ranks); tensors of any size stream through it in
+// rounds, and consecutive rounds alternate between the two sets.
+//
+// A tensor of numel elements is cut into L regions (region q: [q R, (q + 1) R), R = ceil(numel / L)
+// rounded up to 16 elements); local rank q owns region q. A round moves one piece of P elements of
+// every region, P = slot_bytes / (L * element size). All-reduce, per round:
+//   A. each rank copies its pieces of the other ranks' regions into its own slot, then arrives;
+//   B. each rank reduces its own region's piece over all ranks, in rank order, accumulating in fp32
+//      (its own contribution read from its tensor), writes the result to its tensor and to its slot,
+//      then arrives;
+//   C. each rank copies the other regions' results from their owners' slots.
+// Every element is reduced once, by its owner, so every rank ends with the same bits. Small tensors
+// (up to kOneShotBytes) take one round with one barrier: every rank copies its whole tensor into its
+// slot and reduces all slots itself, in rank order (same bits everywhere again). reduce_scatter and
+// all_gather are phases A+B and C on their own, for the hierarchical all-reduce.
+//
+// Synchronisation: each rank's control block has a counter of the barriers it reached. A barrier is
+// "store my counter, wait until every counter reaches it": spin briefly, then yield, then sleep on a
+// futex in the segment (woken by arriving ranks when someone sleeps), so that 4 ranks on 2 cores do not
+// starve each other. Alternating slot sets make one barrier per phase enough: a rank writes a set again
+// only after a barrier that every rank reached after its last read of that set. Every wait is bounded
+// by the group's timeout and checks that the ranks it waits for are alive; a failure names the rank
+// and leaves the communicator failed, so later collectives raise at once instead of hanging. The
+// header (collective, dtype, numel, reduction) travels in the control blocks with the first barrier of
+// every collective and is checked there: no extra round trip.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "comm/header.h"
+
+namespace pyparallel {
+
+struct ShmSegment;  // the mapping (shm.cpp)
+
+class ShmComm {
+ public:
+  // Maps segment `name` (creating it exclusively when `create`) as local rank `local_rank` of
+  // `local_size`; `group_ranks[q]` is local rank q's rank in the process group, for error messages.
+  ShmComm(const std::string& name, int local_rank, int local_size, std::vector<int64_t> group_ranks,
+          int64_t slot_bytes, bool create, double timeout_s);
+  ~ShmComm();
+  ShmComm(const ShmComm&) = delete;
+  ShmComm& operator=(const ShmComm&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  bool failed() const { return !failure_.empty(); }  // a rank died or timed out: no collective may run
+
+  // In place on a contiguous tensor; average divides the sum by size().
+  void all_reduce(at::Tensor& flat, bool average, const char* op);
+  // Region rank() of flat receives the sum over ranks (no division); the rest of flat is left as it was.
+  void reduce_scatter(at::Tensor& flat, const CollectiveHeader& header, const char* op);
+  // Region q of every rank's flat receives rank q's region q.
+  void all_gather(at::Tensor& flat, const CollectiveHeader& header, const char* op);
+  // [begin, end) of region q for a tensor of numel elements.
+  std::pair<int64_t, int64_t> region(int64_t numel, int q) const;
+
+ private:
+  char* slot(int64_t round, int q) const;
+  void arrive_and_wait(const char* op);
+  void wait_all(uint64_t target, const char* op);
+  void check_peers(uint64_t target, double waited_s, const char* op);
+  [[noreturn]] void fail(const std::string& why);
+  void publish_header(const CollectiveHeader& header);
+  void check_header(const char* op);  // after the collective's first barrier
+  void begin(const char* op);         // raises if an earlier collective failed
+  int64_t piece(int64_t element_size) const;
+
+  std::unique_ptr<ShmSegment> seg_;
+  int rank_, size_;
+  std::vector<int64_t> group_ranks_;
+  int64_t slot_bytes_;
+  double timeout_s_;
+  int spins_, yields_;  // how a wait polls and yields before it sleeps (shm.cpp: by cores per rank)
+  uint64_t barriers_ = 0;     // barriers passed (same on every rank)
+  int64_t rounds_ = 0;        // rounds started: the parity picks the slot set
+  int64_t collectives_ = 0;   // collectives started: the parity picks the header slot
+  std::string failure_;
+};
+
+// The communicator attached under `name` (shm_attach); raises if there is none.
+std::shared_ptr<ShmComm> shm_comm(const std::string& name);
+
+}  // namespace pyparallel

@@ -1,0 +1,55 @@
+// How bytes move between the ranks of one process group.
+//
+// Note [Transport seam]
+// Collectives (the dense and int8 rings, the sparse all-gather, the hierarchical composition) are written
+// against two small pieces, never against c10d directly:
+//  - Transport: rank, size, and point-to-point transfers (send, receive, or both as one exchange) that
+//    return a Transfer handle to wait on. transport_for(group, tensor) is the factory; today it returns
+//    the c10d implementation (the group's own send/recv: Gloo for CPU tensors, NCCL for CUDA tensors).
+//  - Session (session.h): one collective's use of a transport: its message tags, the header check
+//    (over the transport itself, never a collective on the caller's group, which the caller's own thread
+//    may be using at the same moment), the transfers it posted, and keeping their buffers alive if it
+//    fails.
+// Transports that reduce without point-to-point messages (shared memory between the ranks of one host,
+// shm.h) expose whole-collective entry points instead; the hierarchical all-reduce composes the two
+// kinds. Adding a transport touches no algorithm.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <string>
+
+namespace pyparallel {
+
+// A posted send or receive. wait() returns once the transfer is complete (for a receive: its data may
+// be read; on CUDA, stream-ordered), or raises if it failed (a dead peer, the group's timeout).
+class Transfer {
+ public:
+  virtual ~Transfer() = default;
+  virtual void wait() = 0;
+};
+using TransferPtr = std::shared_ptr<Transfer>;
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // Posts a send of `send` to rank `to` and a receive into `recv` from rank `from`, either possibly
+  // empty (numel 0: not posted, nullptr returned). Returns {send, receive}. A transport that must post
+  // both as one operation (NCCL: two ranks sending to each other would otherwise deadlock) returns one
+  // handle, as the receive, and nullptr as the send.
+  virtual std::pair<TransferPtr, TransferPtr> exchange(const at::Tensor& send, int to, const at::Tensor& recv,
+                                                       int from, int tag) = 0;
+  // Independent transfers to and from any peer (the sparse all-gather, the header check on CPU).
+  // False where they are not available (NCCL: only exchange()).
+  virtual bool independent_transfers() const = 0;
+  virtual TransferPtr send(const at::Tensor& t, int peer, int tag) = 0;
+  virtual TransferPtr recv(const at::Tensor& t, int peer, int tag) = 0;
+};
+
+// The transport for collectives of `like`'s device on the process group named `group`.
+std::shared_ptr<Transport> transport_for(const std::string& group, const at::Tensor& like);
+
+}  // namespace pyparallel
