@@ -128,8 +128,10 @@ def launch(script: str, argv: list[str], ranks: int, link_gbit: float | None, ti
                                           preexec_fn=_die_with_parent))
         codes = _wait(procs, timeout_s)
     except (KeyboardInterrupt, SystemExit) as e:
-        print(f"error: interrupted ({type(e).__name__}); stopping the ranks", file=sys.stderr)
-        codes = [130 if isinstance(e, KeyboardInterrupt) else (e.code if isinstance(e.code, int) else 1)]
+        code = 130 if isinstance(e, KeyboardInterrupt) else (e.code if isinstance(e.code, int) else 1)
+        why = signal.Signals(code - 128).name if 128 < code < 128 + signal.NSIG else f"exit {code}"
+        print(f"error: interrupted ({why}); stopping the ranks", file=sys.stderr)
+        codes = [code]
     finally:
         for p in procs:
             if p.poll() is None:
