@@ -22,7 +22,6 @@ from . import transport as _transport
 from .ops import DEFAULT_BLOCK_SIZE
 
 _ops = torch.ops.pyparallel
-TRANSPORTS = _transport.TRANSPORTS
 
 
 @dataclass(frozen=True)
@@ -287,8 +286,7 @@ def submit(tensor, group=None, op="sum", compression: Compression = None, transp
     the bytes this rank sent across hosts (the hooks count their traffic with it)."""
     average = _average(op)
     g = _group(group)
-    if transport not in _transport.TRANSPORTS:
-        raise ValueError(f"all_reduce: transport must be one of {_transport.TRANSPORTS}, got {transport!r}")
+    _transport.check(transport, "all_reduce")  # here, not only on the worker: the caller sees the error
 
     def run():
         if on_start is not None:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import hooks, ops
-from .transport import TRANSPORTS
+from .transport import check as check_transport
 from .grad_bucket import Bucket
 
 MB = 1024 * 1024
@@ -69,9 +69,7 @@ class DataParallel(nn.Module):
         self.comm_hook = comm_hook if comm_hook is not None else hooks.allreduce_hook
         self.hook_state = hook_state if hook_state is not None else hooks.HookState(process_group)
         if transport is not None:
-            if transport not in TRANSPORTS:
-                raise ValueError(f"DataParallel: transport must be one of {TRANSPORTS}, got {transport!r}")
-            self.hook_state.transport = transport
+            self.hook_state.transport = check_transport(transport, "DataParallel")
         self.find_unused_parameters = find_unused_parameters
         self.broadcast_buffers = broadcast_buffers
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from . import comm
+from . import transport as transport_policy
 from .ops import DEFAULT_BLOCK_SIZE
 
 
@@ -52,10 +53,8 @@ class HookState:
     __slots__ = ("process_group", "transport", "bytes_sent", "buckets_reduced")
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, transport: str = "auto"):
-        if transport not in comm.TRANSPORTS:
-            raise ValueError(f"{type(self).__name__}: transport must be one of {comm.TRANSPORTS}, got {transport!r}")
         self.process_group = process_group
-        self.transport = transport
+        self.transport = transport_policy.check(transport, type(self).__name__)
         self.bytes_sent = 0
         self.buckets_reduced = 0
 

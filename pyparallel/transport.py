@@ -224,10 +224,16 @@ def release(group: dist.ProcessGroup | None = None) -> None:
         _ops.release_group(name)
 
 
+def check(transport: str, who: str) -> str:
+    """Returns ``transport``, or raises a ValueError naming ``who`` if it is not one of TRANSPORTS."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"{who}: transport must be one of {', '.join(map(repr, TRANSPORTS))}, got {transport!r}")
+    return transport
+
+
 def choose(tensor: torch.Tensor, group: dist.ProcessGroup, transport: str) -> str:
     """The transport that runs ``tensor``'s collective on ``group`` (the same on every rank)."""
-    if transport not in TRANSPORTS:
-        raise ValueError(f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, got {transport!r}")
+    check(transport, "all_reduce")
     if transport == "ring" or group.size() == 1:
         return "ring"
     if tensor.is_cuda:

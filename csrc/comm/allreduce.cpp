@@ -24,14 +24,14 @@ void add_and_average(at::Tensor& dst, const at::Tensor& got, int n) {
   }
 }
 
+}  // namespace
+
 // Note [Dense ring]
 // Reduce-scatter: at step s rank r sends chunk r - s to r + 1 and adds the chunk r - s - 1 it receives
 // into its own, so chunk c accumulates x_c + x_{c+1} + ... in ring order and rank c - 1 ends up with
 // its total. Each hop adds in fp32 and rounds to the tensor's dtype (partial sums travel in the
 // tensor's dtype, as in NCCL). All-gather: rank r forwards the finished chunk r + 1 and every chunk it
 // receives, unchanged, so every rank ends with the same bits.
-}  // namespace
-
 int64_t ring_all_reduce(at::Tensor& tensor, const std::string& group, bool average, int64_t segment_bytes) {
   const char* op = "ring_all_reduce_";
   Session ring(group, tensor, CollectiveHeader::of(tensor, Collective::kDense, average, 0, segment_bytes), op);
@@ -101,6 +101,8 @@ void dequantize_into(at::Tensor& out, const at::Tensor& q, const at::Tensor& sca
   op.call(out, q, scales, block_size);
 }
 
+}  // namespace
+
 // Note [Int8 ring]
 // Same schedule as the dense ring, but partial sums travel as blockwise int8 (+ fp32 scales, about
 // 1/4 of fp32's bytes). Chunks and segments are whole quantization blocks. In reduce-scatter the
@@ -109,7 +111,6 @@ void dequantize_into(at::Tensor& out, const at::Tensor& q, const at::Tensor& sca
 // forwards those final int8 chunks unchanged, and every rank decodes the same bytes (each segment as
 // soon as it arrives), so all ranks agree bitwise. Chunk c is quantized n times in all (x_c first,
 // then each partial), which gives the error bound stated in pyparallel.comm.Int8.
-}  // namespace
 
 int64_t ring_all_reduce_int8(at::Tensor& tensor, const std::string& group, bool average, int64_t block_size,
                              int64_t segment_bytes) {

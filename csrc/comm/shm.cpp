@@ -168,8 +168,37 @@ std::pair<int64_t, int64_t> ShmComm::region(int64_t numel, int q) const {
   return {std::min(q * per, numel), std::min((q + 1) * per, numel)};
 }
 
-int64_t ShmComm::piece(int64_t element_size) const {
+int64_t ShmComm::piece_elems(int64_t element_size) const {
   return std::max(kAlign, slot_bytes_ / element_size / size_ / kAlign * kAlign);
+}
+
+std::pair<int64_t, int64_t> ShmComm::piece(int64_t numel, int q, int64_t c, int64_t P) const {
+  const auto [b, e] = region(numel, q);
+  return {std::min(b + c * P, e), std::min(b + (c + 1) * P, e)};
+}
+
+int64_t ShmComm::rounds(int64_t numel, int64_t P) const {
+  return std::max<int64_t>(1, ceil_div(region(numel, 0).second, P));  // >= 1: the header travels with it
+}
+
+void ShmComm::stage_others(const at::Tensor& flat, int64_t u, int64_t c, int64_t P) {
+  const int64_t numel = flat.numel(), esize = flat.element_size();
+  const char* x = static_cast<const char*>(flat.const_data_ptr());
+  for (int q = 0; q < size_; ++q) {
+    if (q == rank_) continue;
+    const auto [b, e] = piece(numel, q, c, P);
+    std::memcpy(slot(u, rank_) + q * P * esize, x + b * esize, (e - b) * esize);
+  }
+}
+
+void ShmComm::reduce_own(at::Tensor& flat, int64_t u, int64_t c, int64_t P, float divisor, bool publish) {
+  const int64_t esize = flat.element_size();
+  char* x = static_cast<char*>(flat.data_ptr());
+  const auto [b, e] = piece(flat.numel(), rank_, c, P);
+  std::vector<const void*> srcs(size_);
+  for (int q = 0; q < size_; ++q) srcs[q] = q == rank_ ? x + b * esize : slot(u, q) + rank_ * P * esize;
+  cpu::reduce_sources(flat.scalar_type(), srcs.data(), size_, x + b * esize,
+                      publish ? slot(u, rank_) + rank_ * P * esize : nullptr, e - b, divisor);
 }
 
 char* ShmComm::slot(int64_t round, int q) const {
@@ -277,11 +306,11 @@ void ShmComm::all_reduce(at::Tensor& flat, bool average, const char* op) {
   const int64_t numel = flat.numel(), esize = flat.element_size();
   const float divisor = average ? static_cast<float>(size_) : 1.0f;
   char* x = static_cast<char*>(flat.data_ptr());
-  std::vector<const void*> srcs(size_);
   publish_header(CollectiveHeader::of(flat, Collective::kShmAllReduce, average, 0));
 
   if (numel * esize <= std::min(kOneShotBytes, slot_bytes_)) {
     const int64_t u = rounds_++;
+    std::vector<const void*> srcs(size_);
     std::memcpy(slot(u, rank_), x, numel * esize);
     arrive_and_wait(op);
     check_header(op);
@@ -290,30 +319,18 @@ void ShmComm::all_reduce(at::Tensor& flat, bool average, const char* op) {
     return;
   }
 
-  const int64_t P = piece(esize);
-  const int64_t rounds = ceil_div(region(numel, 0).second, P);
-  auto piece_of = [&](int q, int64_t c) {  // [begin, end) of region q's piece in round c
-    const auto [b, e] = region(numel, q);
-    return std::make_pair(std::min(b + c * P, e), std::min(b + (c + 1) * P, e));
-  };
-  for (int64_t c = 0; c < rounds; ++c) {
+  const int64_t P = piece_elems(esize);
+  for (int64_t c = 0, n = rounds(numel, P); c < n; ++c) {
     const int64_t u = rounds_++;
-    for (int q = 0; q < size_; ++q) {  // A
-      if (q == rank_) continue;
-      const auto [b, e] = piece_of(q, c);
-      std::memcpy(slot(u, rank_) + q * P * esize, x + b * esize, (e - b) * esize);
-    }
+    stage_others(flat, u, c, P);  // A
     arrive_and_wait(op);
     if (c == 0) check_header(op);
-    const auto [b, e] = piece_of(rank_, c);  // B
-    for (int q = 0; q < size_; ++q) srcs[q] = q == rank_ ? x + b * esize : slot(u, q) + rank_ * P * esize;
-    cpu::reduce_sources(flat.scalar_type(), srcs.data(), size_, x + b * esize, slot(u, rank_) + rank_ * P * esize,
-                        e - b, divisor);
+    reduce_own(flat, u, c, P, divisor, /*publish=*/true);  // B
     arrive_and_wait(op);
     for (int q = 0; q < size_; ++q) {  // C
       if (q == rank_) continue;
-      const auto [qb, qe] = piece_of(q, c);
-      std::memcpy(x + qb * esize, slot(u, q) + q * P * esize, (qe - qb) * esize);
+      const auto [b, e] = piece(numel, q, c, P);
+      std::memcpy(x + b * esize, slot(u, q) + q * P * esize, (e - b) * esize);
     }
   }
 }
@@ -321,48 +338,32 @@ void ShmComm::all_reduce(at::Tensor& flat, bool average, const char* op) {
 void ShmComm::reduce_scatter(at::Tensor& flat, const CollectiveHeader& header, const char* op) {
   begin(op);
   if (size_ == 1) return;
-  const int64_t numel = flat.numel(), esize = flat.element_size(), P = piece(esize);
-  char* x = static_cast<char*>(flat.data_ptr());
-  std::vector<const void*> srcs(size_);
+  const int64_t P = piece_elems(flat.element_size());
   publish_header(header);
-  const int64_t rounds = std::max<int64_t>(1, ceil_div(region(numel, 0).second, P));  // >= 1: the header
-  for (int64_t c = 0; c < rounds; ++c) {
+  for (int64_t c = 0, n = rounds(flat.numel(), P); c < n; ++c) {
     const int64_t u = rounds_++;
-    for (int q = 0; q < size_; ++q) {
-      if (q == rank_) continue;
-      const auto [b, e] = region(numel, q);
-      const int64_t pb = std::min(b + c * P, e), pe = std::min(b + (c + 1) * P, e);
-      std::memcpy(slot(u, rank_) + q * P * esize, x + pb * esize, (pe - pb) * esize);
-    }
+    stage_others(flat, u, c, P);
     arrive_and_wait(op);
     if (c == 0) check_header(op);
-    const auto [b, e] = region(numel, rank_);
-    const int64_t pb = std::min(b + c * P, e), pe = std::min(b + (c + 1) * P, e);
-    for (int q = 0; q < size_; ++q) srcs[q] = q == rank_ ? x + pb * esize : slot(u, q) + rank_ * P * esize;
-    cpu::reduce_sources(flat.scalar_type(), srcs.data(), size_, x + pb * esize, nullptr, pe - pb, 1.0f);
+    reduce_own(flat, u, c, P, 1.0f, /*publish=*/false);
   }
 }
 
 void ShmComm::all_gather(at::Tensor& flat, const CollectiveHeader& header, const char* op) {
   begin(op);
   if (size_ == 1) return;
-  const int64_t numel = flat.numel(), esize = flat.element_size(), P = piece(esize) * size_;  // whole slot
+  const int64_t numel = flat.numel(), esize = flat.element_size(), P = piece_elems(esize) * size_;  // whole slot
   char* x = static_cast<char*>(flat.data_ptr());
   publish_header(header);
-  const int64_t rounds = std::max<int64_t>(1, ceil_div(region(numel, 0).second, P));
-  auto piece_of = [&](int q, int64_t c) {
-    const auto [b, e] = region(numel, q);
-    return std::make_pair(std::min(b + c * P, e), std::min(b + (c + 1) * P, e));
-  };
-  for (int64_t c = 0; c < rounds; ++c) {
+  for (int64_t c = 0, n = rounds(numel, P); c < n; ++c) {
     const int64_t u = rounds_++;
-    const auto [b, e] = piece_of(rank_, c);
+    const auto [b, e] = piece(numel, rank_, c, P);
     std::memcpy(slot(u, rank_), x + b * esize, (e - b) * esize);
     arrive_and_wait(op);
     if (c == 0) check_header(op);
     for (int q = 0; q < size_; ++q) {
       if (q == rank_) continue;
-      const auto [qb, qe] = piece_of(q, c);
+      const auto [qb, qe] = piece(numel, q, c, P);
       std::memcpy(x + qb * esize, slot(u, q), (qe - qb) * esize);
     }
   }

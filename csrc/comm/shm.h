@@ -78,7 +78,13 @@ class ShmComm {
   void publish_header(const CollectiveHeader& header);
   void check_header(const char* op);  // after the collective's first barrier
   void begin(const char* op);         // raises if an earlier collective failed
-  int64_t piece(int64_t element_size) const;
+  int64_t piece_elems(int64_t element_size) const;  // P: elements of one region per round
+  // [begin, end) of region q's piece in round c, and the number of rounds (>= 1) for numel elements.
+  std::pair<int64_t, int64_t> piece(int64_t numel, int q, int64_t c, int64_t P) const;
+  int64_t rounds(int64_t numel, int64_t P) const;
+  void stage_others(const at::Tensor& flat, int64_t u, int64_t c, int64_t P);  // phase A of round c
+  // Phase B: this rank's piece reduced in rank order into flat (and into its slot when publish).
+  void reduce_own(at::Tensor& flat, int64_t u, int64_t c, int64_t P, float divisor, bool publish);
 
   std::unique_ptr<ShmSegment> seg_;
   int rank_, size_;

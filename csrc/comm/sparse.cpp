@@ -161,7 +161,7 @@ int64_t topk_all_reduce(at::Tensor& tensor, const std::string& group, int64_t k,
 
   // Decoded in place (or into a contiguous copy), zeroed while the first step is on the wire.
   at::Tensor out = tensor.is_contiguous() ? tensor.view(-1) : at::empty({tensor.numel()}, tensor.options());
-  if (n > 1 && k > 0) {
+  if (n > 1) {
     // Ring all-gather of whole slots: at step s rank r forwards slot r - s and receives slot r - s - 1.
     std::vector<size_t> ids(n - 1);
     ring_schedule(
