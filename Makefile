@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CUDA 13 build of torch: nvcc compiles every .cu file with it, also on a machine without a GPU.
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy pytest pytest-timeout ninja scikit-learn tqdm matplotlib
+DEPS := numpy pytest pytest-timeout ninja scikit-learn tqdm matplotlib hypothesis psutil torchft
 export MAX_JOBS ?= 2
 
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
