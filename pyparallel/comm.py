@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -75,7 +76,46 @@ def _group(group) -> dist.ProcessGroup:
     group = group if group is not None else dist.group.WORLD
     if group is dist.GroupMember.NON_GROUP_MEMBER or group is None:
         raise ValueError("all_reduce: this rank is not a member of the given process group")
+    _track(group)
     return group
+
+
+# Note [Group lifetimes]
+# What we hold for a group (its worker thread, shared-memory mapping, inter-host groups, the C++ collective
+# numbers) belongs to the group object, which we reference weakly: once torch and the caller drop the group
+# (dist.destroy_process_group), it is all freed. torch reuses names ("0" again after destroy_process_group
+# and a new init_process_group), so a new group under an old name first frees its predecessor's state and
+# never sees it. The C++ side ties its per-group state to the c10d object the same way
+# (Transport::incarnation).
+_tracked: dict[str, weakref.ref] = {}
+_tracked_lock = threading.RLock()  # the weakref callback may run inside _track, when a collection frees a group
+
+
+def _track(group: dist.ProcessGroup) -> None:
+    name = group.group_name
+    with _tracked_lock:
+        ref = _tracked.get(name)
+        if ref is not None and ref() is group:
+            return
+        _tracked[name] = weakref.ref(group, lambda r, name=name: _group_gone(name, r))
+    if ref is not None:
+        _release_name(name)
+
+
+def _group_gone(name: str, ref: weakref.ref) -> None:
+    with _tracked_lock:
+        if _tracked.get(name) is not ref:
+            return  # a newer group owns the name (its _track freed this one's state)
+        del _tracked[name]
+    _release_name(name)
+
+
+def _release_name(name: str) -> None:
+    with _workers_lock:
+        w = _workers.pop(name, None)
+    if w is not None:
+        w.shutdown()
+    _transport.release_name(name)
 
 
 def _kind(compression: Compression):
@@ -129,11 +169,9 @@ def release(group: dist.ProcessGroup | None = None) -> None:
     groups and failure state. Call it before ``dist.destroy_process_group(group)`` when the process goes
     on (at exit everything is freed anyway)."""
     name = (group or dist.group.WORLD).group_name
-    with _workers_lock:
-        w = _workers.pop(name, None)
-    if w is not None:
-        w.shutdown()
-    _transport.release(group)
+    with _tracked_lock:
+        _tracked.pop(name, None)
+    _release_name(name)
 
 
 class _GroupWorker:
@@ -206,7 +244,9 @@ class _GroupWorker:
         return fut
 
     def shutdown(self):
-        self._pool.shutdown(wait=True)
+        # On the worker thread itself (the group's last reference died in a job), joining would wait for
+        # this very thread: let it end once the job returns.
+        self._pool.shutdown(wait=not self.on_worker_thread())
 
 
 _workers: dict[str, _GroupWorker] = {}

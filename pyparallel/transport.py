@@ -27,6 +27,7 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -90,7 +91,7 @@ class _GroupResources:
     """Everything the transports need for one process group, set up once, on first use."""
 
     def __init__(self, group: dist.ProcessGroup):
-        self.group = group
+        self.group = weakref.ref(group)  # never keeps the group alive (Note [Group lifetimes], comm.py)
         self.name = group.group_name
         self.store = dist.distributed_c10d._world.pg_map[group][1]
         self.timeout = _group_timeout(group)
@@ -195,7 +196,7 @@ _resources_lock = threading.Lock()
 def resources(group: dist.ProcessGroup) -> _GroupResources:
     with _resources_lock:
         res = _resources.get(group.group_name)
-        if res is not None and res.group is not group:  # a new group under an old name
+        if res is not None and res.group() is not group:  # a new group under an old name
             res.release()
             res = None
         if res is None:
@@ -212,10 +213,9 @@ def _release_all() -> None:
         res.release()
 
 
-def release(group: dist.ProcessGroup | None = None) -> None:
-    """Frees what pyparallel holds for ``group`` (shared-memory mapping, inter-host groups, its failure
-    state); called by :func:`pyparallel.comm.release` when a group is destroyed."""
-    name = (group or dist.group.WORLD).group_name
+def release_name(name: str) -> None:
+    """Frees what pyparallel holds for the group named ``name`` (shared-memory mapping, inter-host groups,
+    its failure state); called by :mod:`pyparallel.comm` when the group is released or gone."""
     with _resources_lock:
         res = _resources.pop(name, None)
     if res is not None:

@@ -252,6 +252,45 @@ def _hooks_pick_the_transport(nhosts):
     return out
 
 
+def _held_by_this_process():
+    """(our threads, open file descriptors, our shared-memory mappings) of this process."""
+    threads = sorted(t.name for t in threading.enumerate() if t.name.startswith("pyparallel-"))
+    with open("/proc/self/maps") as f:
+        maps = sorted({line.split(None, 5)[-1].strip() for line in f if "/pyparallel-" in line})
+    return threads, len(os.listdir("/proc/self/fd")), maps
+
+
+def _destroy_frees_everything(nhosts):
+    """A group used through every path (ring, auto = shm or hierarchical, async) and then destroyed, with
+    no pyparallel.release: its worker thread, mapping and inter-host groups are gone, and repeating it does
+    not grow the open file descriptors."""
+    import gc
+
+    n, rank = dist.get_world_size(), dist.get_rank()
+    os.environ["PYPARALLEL_HOST"] = f"host{rank * nhosts // n}"
+    threads0, _, maps0 = _held_by_this_process()  # other groups' (the world's, from earlier cases)
+    fds = []
+    try:
+        for _ in range(3):
+            g = dist.new_group(list(range(n)))
+            t = torch.ones(100_000)
+            pyparallel.all_reduce(t, group=g)
+            pyparallel.all_reduce(t, group=g, compression="int8", async_op=True).wait()
+            pyparallel.all_reduce(t, group=g, transport="ring")
+            assert float(t[0]) == n ** 3
+            threads, _, maps = _held_by_this_process()
+            assert threads != threads0 and maps != maps0, (threads, maps)  # else the check below is vacuous
+            dist.destroy_process_group(g)
+            del g
+            gc.collect()
+            threads, nfd, maps = _held_by_this_process()
+            assert threads == threads0 and maps == maps0, (threads, maps)
+            fds.append(nfd)
+    finally:
+        os.environ.pop("PYPARALLEL_HOST")
+    return fds
+
+
 # ---- tests ----
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
@@ -319,6 +358,12 @@ def test_async_all_reduce_then_torch_all_reduce(dist_pool, transport):
 def test_hooks_pick_the_transport(dist_pool, world_size, nhosts):
     out = dist_pool(world_size).run(_hooks_pick_the_transport, nhosts, timeout=120)
     assert all(o == out[0] for o in out)
+
+
+@pytest.mark.parametrize("world_size,nhosts", [(2, 1), (4, 2)])
+def test_destroy_process_group_frees_threads_mappings_and_fds(dist_pool, world_size, nhosts):
+    for fds in dist_pool(world_size).run(_destroy_frees_everything, nhosts, timeout=120):
+        assert fds[2] == fds[1], f"open file descriptors grow with each destroyed group: {fds}"
 
 
 def test_bad_transport_names_the_problem():

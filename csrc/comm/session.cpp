@@ -2,6 +2,7 @@
 #include "comm/session.h"
 
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 
 namespace pyparallel {
@@ -10,6 +11,9 @@ namespace {
 struct GroupState {
   int64_t collectives = 0;  // collectives started on the group (Note [Message tags])
   std::string failure;      // set once a collective failed in flight
+  // The group these belong to (Transport::incarnation). Held weakly: a weak pointer keeps the dead
+  // object's memory, so a new group can never reuse its address and pass for it.
+  std::optional<c10::weak_intrusive_ptr<c10::intrusive_ptr_target>> incarnation;
 };
 
 std::mutex& state_mutex() {
@@ -42,16 +46,22 @@ void release_group_state(const std::string& group) {
 
 Session::Session(const std::string& group, const at::Tensor& like, const CollectiveHeader& header, const char* op)
     : group_(group) {
+  transport_ = transport_for(group, like);
   {
+    auto incarnation = transport_->incarnation();
     std::lock_guard<std::mutex> lock(state_mutex());
     GroupState& s = states()[group];
+    if (!s.incarnation || s.incarnation->expired() ||
+        s.incarnation->_unsafe_get_target() != incarnation._unsafe_get_target()) {
+      s = GroupState{};  // a new group under this name: its numbers start at 0 on every rank
+      s.incarnation = std::move(incarnation);
+    }
     TORCH_CHECK(s.failure.empty(), op, ": an earlier collective on process group '", group,
                 "' failed while messages were in flight, so the ranks no longer agree on what comes next: ",
                 s.failure, " (create a new process group to go on)");
     window_ = s.collectives++ % kTagWindows;
   }
   device_ = like.device();
-  transport_ = transport_for(group, like);
   rank_ = transport_->rank();
   size_ = transport_->size();
   if (size_ > 1) exchange_headers(header, op);

@@ -47,6 +47,10 @@ class Transport {
   virtual bool independent_transfers() const = 0;
   virtual TransferPtr send(const at::Tensor& t, int peer, int tag) = 0;
   virtual TransferPtr recv(const at::Tensor& t, int peer, int tag) = 0;
+  // The object whose lifetime is the group's. torch reuses group names (destroy_process_group() and a
+  // new init_process_group() give "0" again; torchft re-creates its groups on every quorum change), so
+  // per-group state is tied to this, not to the name: a new incarnation starts afresh.
+  virtual c10::weak_intrusive_ptr<c10::intrusive_ptr_target> incarnation() const = 0;
 };
 
 // The transport for collectives of `like`'s device on the process group named `group`.

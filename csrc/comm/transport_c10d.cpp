@@ -50,6 +50,11 @@ class C10dTransport final : public Transport {
     return wrap(pg_->send(v, peer, tag));
   }
 
+  c10::weak_intrusive_ptr<c10::intrusive_ptr_target> incarnation() const override {
+    c10::intrusive_ptr<c10::intrusive_ptr_target> target = pg_;
+    return c10::weak_intrusive_ptr<c10::intrusive_ptr_target>(target);
+  }
+
   TransferPtr recv(const at::Tensor& t, int peer, int tag) override {
     TORCH_CHECK(!cuda_, "C10dTransport::recv: independent transfers are CPU (Gloo) only");
     std::vector<at::Tensor> v{t};
