@@ -55,8 +55,9 @@ TORCH_LIBRARY(pyparallel, m) {
   m.def("shm_all_reduce_(Tensor(a!) tensor, str comm, bool average=False) -> int");
   // Reduce inside the host through `comm`, across hosts over the group `cross_group_name` with the given
   // compression (0 none, 1 int8 with param = block size, 2 top-k with param = k of the whole tensor and
-  // the residual), then gather inside the host. Divides by world_size when averaging.
+  // the residual), then gather inside the host. Divides by world_size when averaging. piece_bytes > 0
+  // pipelines the two hops in pieces of that size (Note [Pipelined hierarchical all-reduce]).
   m.def("hierarchical_all_reduce_(Tensor(a!) tensor, str comm, str cross_group_name, int world_size,"
-        " bool average=False, int compression=0, int param=0, Tensor(b!)? residual=None) -> int");
+        " bool average=False, int compression=0, int param=0, Tensor(b!)? residual=None, int piece_bytes=0) -> int");
   m.def("release_group(str group_name) -> ()");
 }

@@ -152,7 +152,7 @@ def collective(tensor: torch.Tensor, group: dist.ProcessGroup, average: bool, co
     param = params.block_size if code == 1 else params.k_for(tensor.numel()) if code == 2 else 0
     residual = params.residual if code == 2 else None
     return _ops.hierarchical_all_reduce_(tensor, res.shared_memory(), res.inter_host_group(), group.size(), average,
-                                         code, param, residual)
+                                         code, param, residual, res.piece_bytes)
 
 
 def _apply_residual(tensor: torch.Tensor, residual: torch.Tensor) -> None:

@@ -225,5 +225,5 @@ def _shm_all_reduce_fake(tensor, comm, average=False):
 
 @torch.library.register_fake("pyparallel::hierarchical_all_reduce_")
 def _hierarchical_all_reduce_fake(tensor, comm, cross_group_name, world_size, average=False, compression=0, param=0,
-                                  residual=None):
+                                  residual=None, piece_bytes=0):
     return 0

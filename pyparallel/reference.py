@@ -202,25 +202,30 @@ def shm_all_reduce(inputs: list[torch.Tensor], average: bool = False) -> torch.T
 
 def hierarchical_all_reduce(inputs: list[torch.Tensor], hosts: list[list[int]], average: bool = False,
                             compression: str | None = None, block_size: int = 256, k: int = 0,
-                            residuals: list | None = None) -> torch.Tensor:
+                            residuals: list | None = None, piece_bytes: int = 0) -> torch.Tensor:
     """Note [Hierarchical all-reduce]: each host's sum (shm order), each region all-reduced across hosts by
     the ring the compression names (residuals: per rank, updated in place for the region it owns), divided
-    by the world size when averaging, gathered. ``hosts[h]`` lists host h's ranks in local order."""
+    by the world size when averaging, gathered; piece after piece of ``piece_bytes`` (0: one piece, Note
+    [Pipelined hierarchical all-reduce]). ``hosts[h]`` lists host h's ranks in local order."""
     numel, world = inputs[0].numel(), len(inputs)
     sums = [shm_all_reduce([inputs[r] for r in host]).reshape(-1) for host in hosts]
     out = torch.empty_like(sums[0])
-    for l, region in enumerate(shm_regions(numel, len(hosts[0]))):
-        parts = [s[region].clone() for s in sums]
-        if compression is None:
-            got = ring_all_reduce(parts)
-        elif compression == "int8":
-            got = ring_all_reduce_int8(parts, block_size=block_size)
-        else:
-            m = region.stop - region.start
-            k_region = min(m, -(-k * m // numel)) if numel else 0
-            res = [residuals[host[l]].reshape(-1)[region] for host in hosts] if residuals is not None else None
-            got = topk_all_reduce(parts, k_region, res)
-        if average:
-            got = got.div_(world)
-        out[region] = got
+    piece = max(numel, 1) if piece_bytes == 0 else max(1, piece_bytes // inputs[0].element_size())
+    for p0 in range(0, max(numel, 1), piece):
+        p1 = min(numel, p0 + piece)
+        for l, local in enumerate(shm_regions(p1 - p0, len(hosts[0]))):
+            region = slice(p0 + local.start, p0 + local.stop)
+            parts = [s[region].clone() for s in sums]
+            if compression is None:
+                got = ring_all_reduce(parts)
+            elif compression == "int8":
+                got = ring_all_reduce_int8(parts, block_size=block_size)
+            else:
+                m = region.stop - region.start
+                k_region = min(m, -(-k * m // numel)) if numel else 0
+                res = [residuals[host[l]].reshape(-1)[region] for host in hosts] if residuals is not None else None
+                got = topk_all_reduce(parts, k_region, res)
+            if average:
+                got = got.div_(world)
+            out[region] = got
     return out.view(inputs[0].shape)

@@ -40,6 +40,11 @@ TRANSPORTS = ("auto", "ring", "shm", "hierarchical")
 # shared-memory all-reduce moves this much per rank. PYPARALLEL_SHM_SLOT_BYTES overrides (tests use small
 # slots to stream tensors through many rounds).
 DEFAULT_SLOT_BYTES = 1 << 20
+# The hierarchical all-reduce goes through in pieces of this many bytes, so that one piece crosses hosts
+# while the next is reduced inside the host (Note [Pipelined hierarchical all-reduce]). The bits depend on
+# it, so every rank must use the same (the header check says so if not); PYPARALLEL_HIER_PIECE_BYTES
+# overrides, 0 = one piece.
+DEFAULT_PIECE_BYTES = 4 << 20
 _DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 
 
@@ -101,6 +106,7 @@ class _GroupResources:
         generation = -(-self.store.add(f"pyparallel/{self.name}/generation", 1) // self.size)
         self.prefix = f"pyparallel/{self.name}/{generation}"
         self.layout = self._exchange_layout()
+        self.piece_bytes = int(os.environ.get("PYPARALLEL_HIER_PIECE_BYTES", DEFAULT_PIECE_BYTES))
         self.shm_comm: str | None = None
         self.cross_group: str | None = None
         self._lock = threading.Lock()

@@ -23,6 +23,7 @@ from pyparallel import reference as ref
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [0, 1, 2, 3, 5, 16, 17, 1000, 4099, 65_537, 300_001]
 SMALL_SLOT = 4096  # bytes: 300_001 fp32 elements take ~150 rounds through a 32 KiB segment
+SMALL_PIECE = 40_000  # bytes: the hierarchical all-reduce pipelines 300_001 fp32 elements in 31 pieces
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -41,12 +42,14 @@ def _hosts(n: int, nhosts: int) -> list[list[int]]:
 class _Group:
     """A new group over every rank, with this rank on emulated host rank * nhosts // n."""
 
-    def __init__(self, nhosts: int, slot: int | None = SMALL_SLOT):
+    def __init__(self, nhosts: int, slot: int | None = SMALL_SLOT, piece: int | None = SMALL_PIECE):
         self.n, self.rank = dist.get_world_size(), dist.get_rank()
         self.hosts = _hosts(self.n, nhosts)
         self._env = {"PYPARALLEL_HOST": f"host{self.rank * nhosts // self.n}"}
         if slot is not None:
             self._env["PYPARALLEL_SHM_SLOT_BYTES"] = str(slot)
+        if piece is not None:
+            self._env["PYPARALLEL_HIER_PIECE_BYTES"] = str(piece)
 
     def __enter__(self) -> dist.ProcessGroup:
         os.environ.update(self._env)
@@ -79,7 +82,7 @@ def _exact_cases(seed, nhosts):
                     t = xs[rank].clone()
                     pyparallel.all_reduce(t, group=g, op="avg" if average else "sum", transport=transport)
                     if want == "hierarchical":
-                        expect = ref.hierarchical_all_reduce(xs, hosts, average)
+                        expect = _hier_ref(xs, hosts, average)
                     else:
                         expect = ref.shm_all_reduce(xs, average)
                     assert torch.equal(t, expect), (dtype, numel, average)
@@ -89,12 +92,12 @@ def _exact_cases(seed, nhosts):
         t = xs[rank].clone().t()
         pyparallel.all_reduce(t, group=g, transport=transport)
         flat = [x.t().contiguous() for x in xs]
-        expect = ref.hierarchical_all_reduce(flat, hosts) if want == "hierarchical" else ref.shm_all_reduce(flat)
+        expect = _hier_ref(flat, hosts) if want == "hierarchical" else ref.shm_all_reduce(flat)
         assert torch.equal(t, expect)
         t = xs[rank].clone()
         fut = pyparallel.all_reduce(t, group=g, op="avg", async_op=True, transport=transport)
         assert fut.wait() is t
-        expect = ref.hierarchical_all_reduce(xs, hosts, True) if want == "hierarchical" else ref.shm_all_reduce(xs, True)
+        expect = _hier_ref(xs, hosts, True) if want == "hierarchical" else ref.shm_all_reduce(xs, True)
         assert torch.equal(t, expect)
         digests.append(_digest(t))
     return digests
@@ -114,7 +117,7 @@ def _compressed_cases(seed, nhosts):
             if nhosts == 1:
                 expect = ref.shm_all_reduce(xs, True)
             else:
-                expect = ref.hierarchical_all_reduce(xs, hosts, True, compression="int8")
+                expect = _hier_ref(xs, hosts, True, compression="int8")
             assert torch.equal(t, expect), ("int8", numel)
             digests.append(_digest(t))
             # top-k with error feedback, three steps: the residual carries over
@@ -130,25 +133,34 @@ def _compressed_cases(seed, nhosts):
                     for r in residuals:
                         r.zero_()
                 else:
-                    expect = ref.hierarchical_all_reduce(ys, hosts, True, compression="topk", k=k, residuals=residuals)
+                    expect = _hier_ref(ys, hosts, True, compression="topk", k=k, residuals=residuals)
                 assert torch.equal(t, expect), ("topk", numel, step)
                 assert torch.equal(mine, residuals[rank]), ("residual", numel, step)
                 digests.append(_digest(t))
     return digests
 
 
+def _hier_ref(*args, **kwargs):
+    return ref.hierarchical_all_reduce(*args, piece_bytes=SMALL_PIECE, **kwargs)
+
+
 def _mismatch(nhosts, kind):
     rank = dist.get_rank()
-    with _Group(nhosts) as g:
-        t = torch.ones(100 + (rank == 0)) if kind == "numel" else torch.ones(100, dtype=torch.float16 if rank == 0 else torch.float32)
+    piece = SMALL_PIECE + (rank == 0) * 4 if kind == "piece" else SMALL_PIECE
+    with _Group(nhosts, piece=piece) as g:
+        if kind == "dtype":
+            t = torch.ones(100, dtype=torch.float16 if rank == 0 else torch.float32)
+        else:
+            t = torch.ones(100 + (rank == 0 and kind == "numel"))
         try:
             pyparallel.all_reduce(t, group=g)
             msg = None
         except RuntimeError as e:
             msg = str(e).splitlines()[0]
-        ok = torch.ones(10)  # the group is still usable after a mismatch
-        pyparallel.all_reduce(ok, group=g)
-        assert bool((ok == dist.get_world_size()).all())
+        if kind != "piece":  # the group is still usable after a mismatch (pieces stay mismatched)
+            ok = torch.ones(10)
+            pyparallel.all_reduce(ok, group=g)
+            assert bool((ok == dist.get_world_size()).all())
     return msg
 
 
@@ -311,7 +323,7 @@ def test_compression_only_across_hosts(dist_pool, world_size, nhosts):
     assert all(d == digests[0] for d in digests), "ranks disagree"
 
 
-@pytest.mark.parametrize("nhosts,kind", [(1, "numel"), (1, "dtype"), (2, "numel")])
+@pytest.mark.parametrize("nhosts,kind", [(1, "numel"), (1, "dtype"), (2, "numel"), (2, "piece")])
 def test_mismatch_raises_on_every_rank(dist_pool, nhosts, kind):
     messages = dist_pool(4).run(_mismatch, nhosts, kind, timeout=60)
     for msg in messages:

@@ -9,7 +9,23 @@
 // inter-host step crosses the network, each region once per host. Every host has the same number of
 // ranks (the policy checks), so every host cuts the same regions, and every step gives the same bits
 // on every rank that computes it, so all ranks end with the same bits.
+//
+// Note [Pipelined hierarchical all-reduce]
+// The inter-host hop is the slow one and leaves the CPU idle while bytes are on the wire, so the tensor
+// goes through in pieces of piece_bytes (0: one piece): while piece i crosses hosts, on a thread of its
+// own, the calling thread reduce-scatters piece i+1 and all-gathers piece i-1 through shared memory.
+// Every local rank runs its shared-memory steps in one order (RS 0, RS 1, AG 0, RS 2, AG 1, ...) and every
+// rank runs its inter-host steps in piece order, so both sequences line up across ranks. Each piece is
+// cut into regions and crosses hosts exactly as a whole tensor of its size would (the reference,
+// pyparallel.reference.hierarchical_all_reduce, goes piece by piece too), so the bits depend on the piece
+// size: every rank states it in the header.
 #include <torch/library.h>
+
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
 
 #include "comm/collectives.h"
 #include "comm/header.h"
@@ -20,13 +36,82 @@
 namespace pyparallel {
 namespace {
 
+// Runs cross(i) for i = 0, 1, ... on its own thread, each once post(i) has said piece i is ready.
+class CrossHostSteps {
+ public:
+  CrossHostSteps(int64_t pieces, std::function<int64_t(int64_t)> cross)
+      : cross_(std::move(cross)), thread_([this, pieces] { loop(pieces); }) {}
+
+  // Stops after the piece in flight (a failed call leaves the rest unposted) and joins: the thread
+  // writes into the caller's tensor, so it must be done before the call returns.
+  ~CrossHostSteps() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+  void post(int64_t piece) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      posted_ = piece + 1;
+    }
+    cv_.notify_all();
+  }
+
+  // Waits until piece `piece` has crossed; rethrows the error of any piece that failed.
+  void wait(int64_t piece) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait(lock, [&] { return done_ > piece || error_; });
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  int64_t sent() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return sent_;
+  }
+
+ private:
+  void loop(int64_t pieces) {
+    for (int64_t i = 0; i < pieces; ++i) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [&] { return posted_ > i || stop_; });
+        if (posted_ <= i) return;
+      }
+      try {
+        const int64_t sent = cross_(i);
+        std::lock_guard<std::mutex> lock(mutex_);
+        sent_ += sent;
+        done_ = i + 1;
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        error_ = std::current_exception();
+      }
+      cv_.notify_all();
+      if (error_) return;  // the inter-host group is marked failed: later pieces would raise anyway
+    }
+  }
+
+  std::function<int64_t(int64_t)> cross_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int64_t posted_ = 0, done_ = 0, sent_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+  std::thread thread_;  // last: started once everything above exists
+};
+
 int64_t hierarchical_all_reduce(at::Tensor& tensor, const std::string& comm, const std::string& cross_group,
                                 int64_t world_size, bool average, int64_t compression, int64_t param,
-                                const std::optional<at::Tensor>& residual) {
+                                const std::optional<at::Tensor>& residual, int64_t piece_bytes) {
   const char* op = "hierarchical_all_reduce_";
   check_float_tensor(tensor, op, "tensor");
   TORCH_CHECK(tensor.device().is_cpu(), op, ": tensor must be on the CPU, got ", tensor.device());
   TORCH_CHECK(world_size >= 1, op, ": world_size must be positive, got ", world_size);
+  TORCH_CHECK(piece_bytes >= 0, op, ": piece_bytes must be >= 0 (0: one piece), got ", piece_bytes);
   const auto kind = static_cast<Collective>(compression);
   TORCH_CHECK(kind == Collective::kDense || kind == Collective::kInt8 || kind == Collective::kTopk, op,
               ": compression must be 0 (none), 1 (int8) or 2 (top-k), got ", compression);
@@ -44,41 +129,75 @@ int64_t hierarchical_all_reduce(at::Tensor& tensor, const std::string& comm, con
   std::shared_ptr<ShmComm> shm = shm_comm(comm);
   at::Tensor flat = tensor.is_contiguous() ? tensor.view(-1) : tensor.contiguous().view(-1);
   const int64_t numel = flat.numel();
-  const auto header = CollectiveHeader::of(flat, Collective::kHierarchical, average, (compression << 32) | param);
+  // Every piece's shared-memory steps state the whole call (numel, compression, piece size), so ranks
+  // that disagree on any of it fail at the first step, before anything crosses hosts.
+  const auto header =
+      CollectiveHeader::of(flat, Collective::kHierarchical, average, (compression << 32) | param, piece_bytes);
+  const int64_t piece_numel = piece_bytes == 0 ? std::max<int64_t>(numel, 1)
+                                               : std::max<int64_t>(1, piece_bytes / flat.element_size());
+  const int64_t pieces = std::max<int64_t>(1, ceil_div(numel, piece_numel));
+  auto piece = [&](int64_t i) { return flat.slice(0, i * piece_numel, std::min(numel, (i + 1) * piece_numel)); };
 
-  const auto [b, e] = shm->region(numel, shm->rank());
-  at::Tensor mine = flat.slice(0, b, e);
+  // The inter-host all-reduce of this rank's region of piece i, then the average's division.
+  auto cross = [&](int64_t i) -> int64_t {
+    const int64_t p0 = i * piece_numel;
+    at::Tensor part = piece(i);
+    const auto [b, e] = shm->region(part.numel(), shm->rank());
+    at::Tensor mine = part.slice(0, b, e);
+    int64_t sent = 0;
+    switch (kind) {
+      case Collective::kDense:
+        sent = ring_all_reduce(mine, cross_group, false, kDefaultSegmentBytes);
+        break;
+      case Collective::kInt8:
+        sent = ring_all_reduce_int8(mine, cross_group, false, param, kDefaultSegmentBytes);
+        break;
+      default: {  // top-k: the same fraction of this region as of the tensor
+        const int64_t k = numel == 0 ? 0 : std::min(e - b, ceil_div(param * (e - b), numel));
+        std::optional<at::Tensor> r;
+        if (residual.has_value()) r = residual->view(-1).slice(0, p0 + b, p0 + e);
+        sent = topk_all_reduce(mine, cross_group, k, r, false);
+      }
+    }
+    if (average) mine.div_(world_size);
+    return sent;
+  };
+
   try {
-    shm->reduce_scatter(flat, header, op);
+    at::Tensor first = piece(0);
+    shm->reduce_scatter(first, header, op);
   } catch (const c10::Error&) {
     if (shm->failed()) throw;
     // This host's ranks disagree. Tell the other hosts too, or they would wait for us in the inter-host
     // step: a header no rank of theirs can match (numel -1) makes that step raise everywhere.
-    CollectiveHeader poisoned = CollectiveHeader::of(mine, kind, false, 0);
+    const auto [b, e] = shm->region(piece(0).numel(), shm->rank());
+    CollectiveHeader poisoned = CollectiveHeader::of(piece(0).slice(0, b, e), kind, false, 0);
     poisoned.numel = -1;
     try {
-      Session tell(cross_group, mine, poisoned, op);
+      Session tell(cross_group, flat, poisoned, op);
     } catch (const c10::Error&) {
     }
     throw;
   }
   int64_t sent = 0;
-  switch (kind) {
-    case Collective::kDense:
-      sent = ring_all_reduce(mine, cross_group, false, kDefaultSegmentBytes);
-      break;
-    case Collective::kInt8:
-      sent = ring_all_reduce_int8(mine, cross_group, false, param, kDefaultSegmentBytes);
-      break;
-    default: {  // top-k: the same fraction of this region as of the tensor
-      const int64_t k = numel == 0 ? 0 : std::min(e - b, ceil_div(param * (e - b), numel));
-      std::optional<at::Tensor> r;
-      if (residual.has_value()) r = residual->view(-1).slice(0, b, e);
-      sent = topk_all_reduce(mine, cross_group, k, r, false);
+  if (pieces == 1) {
+    sent = cross(0);
+  } else {
+    CrossHostSteps steps(pieces, cross);
+    steps.post(0);
+    for (int64_t i = 1; i < pieces; ++i) {
+      at::Tensor next = piece(i);
+      shm->reduce_scatter(next, header, op);
+      steps.post(i);
+      steps.wait(i - 1);
+      at::Tensor done = piece(i - 1);
+      shm->all_gather(done, header, op);
     }
+    steps.wait(pieces - 1);
+    sent = steps.sent();
   }
-  if (average) mine.div_(world_size);
-  shm->all_gather(flat, header, op);
+  at::Tensor last = piece(pieces - 1);
+  shm->all_gather(last, header, op);
   if (!tensor.is_contiguous()) tensor.copy_(flat.view(tensor.sizes()));
   return sent;
 }
