@@ -44,7 +44,7 @@ DEFAULT_SLOT_BYTES = 1 << 20
 # while the next is reduced inside the host (Note [Pipelined hierarchical all-reduce]). The bits depend on
 # it, so every rank must use the same (the header check says so if not); PYPARALLEL_HIER_PIECE_BYTES
 # overrides, 0 = one piece.
-DEFAULT_PIECE_BYTES = 4 << 20
+DEFAULT_PIECE_BYTES = 8 << 20
 _DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 
 
