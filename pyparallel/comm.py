@@ -139,6 +139,8 @@ def collective(tensor: torch.Tensor, group: dist.ProcessGroup, average: bool, co
     path = _transport.choose(tensor, group, transport)
     name = group.group_name
     if path == "ring":
+        if not tensor.is_cuda and group.size() > 1:
+            _transport.resources(group).ensure_twin()
         if code == 0:
             return _ops.ring_all_reduce_(tensor, name, average)
         if code == 1:

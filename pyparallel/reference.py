@@ -128,6 +128,17 @@ def _chunks(numel: int, n: int, align: int) -> list[slice]:
     return [slice(min(c * per, numel), min((c + 1) * per, numel)) for c in range(n)]
 
 
+CARRY_BYTES = 16 << 10  # kCarryBytes, csrc/comm/transport.h
+
+
+def dense_all_reduce(inputs: list[torch.Tensor], average: bool = False) -> torch.Tensor:
+    """``all_reduce(transport="ring")`` on CPU: a tensor of at most CARRY_BYTES travels with the header check
+    and is summed in rank order in fp32 (Note [Carried header]); larger ones take the ring."""
+    if inputs[0].numel() * inputs[0].element_size() <= CARRY_BYTES and len(inputs) > 1:
+        return shm_all_reduce(inputs, average)
+    return ring_all_reduce(inputs, average)
+
+
 def ring_all_reduce(inputs: list[torch.Tensor], average: bool = False) -> torch.Tensor:
     """Chunk c is summed as x_c + x_{c+1} + ... (ranks mod n), each hop in fp32 rounded to the dtype."""
     n, dtype = len(inputs), inputs[0].dtype

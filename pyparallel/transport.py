@@ -45,6 +45,7 @@ DEFAULT_SLOT_BYTES = 1 << 20
 # it, so every rank must use the same (the header check says so if not); PYPARALLEL_HIER_PIECE_BYTES
 # overrides, 0 = one piece.
 DEFAULT_PIECE_BYTES = 8 << 20
+TWIN_SUFFIX = "/pyparallel-twin"  # kTwinSuffix in csrc/comm/transport.h
 _DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 
 
@@ -109,7 +110,9 @@ class _GroupResources:
         self.piece_bytes = int(os.environ.get("PYPARALLEL_HIER_PIECE_BYTES", DEFAULT_PIECE_BYTES))
         self.shm_comm: str | None = None
         self.cross_group: str | None = None
+        self.twin: str | None = None
         self._lock = threading.Lock()
+        self._private: list[tuple[str, dist.ProcessGroup]] = []  # our own groups: inter-host, twin
 
     def _exchange_layout(self) -> Layout:
         self.store.set(f"{self.prefix}/host/{self.rank}", host_identity())
@@ -155,34 +158,47 @@ class _GroupResources:
             self.store.add(f"{key}/mapped", 1)
         return comm
 
+    def _private_gloo_group(self, name: str, members: list[int]) -> dist.ProcessGroup:
+        """A Gloo group of ours over ``members`` (ranks of this group), built from the group's store and
+        registered by name for the C++ collectives: no collective on the caller's group, and no torch group
+        counter that the caller's own new_group calls could put out of step."""
+        store = dist.PrefixStore(name + "/", self.store)
+        me = members.index(self.rank)
+        backend = dist.ProcessGroupGloo(store, me, len(members), self.timeout)
+        pg = dist.ProcessGroup(store, me, len(members))
+        pg._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, backend)
+        pg._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+        pg._set_group_name(name)
+        torch._C._distributed_c10d._register_process_group(name, pg)
+        self._private.append((name, pg))  # keeps it alive until release()
+        return pg
+
     def inter_host_group(self) -> str:
-        """Name of the group of this rank and the ranks of equal local index on the other hosts: a Gloo
-        group of our own, built from the group's store (no collective on the caller's group, and no
-        torch group counter that the caller's own new_group calls could put out of step)."""
+        """Name of the group of this rank and the ranks of equal local index on the other hosts."""
         with self._lock:
             if self.cross_group is None:
                 layout = self.layout
-                members = [host[layout.local_rank] for host in layout.hosts]
                 name = f"{self.prefix}/cross{layout.local_rank}"
-                store = dist.PrefixStore(name + "/", self.store)
-                me = members.index(self.rank)
-                backend = dist.ProcessGroupGloo(store, me, len(members), self.timeout)
-                pg = dist.ProcessGroup(store, me, len(members))
-                pg._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, backend)
-                pg._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
-                pg._set_group_name(name)
-                torch._C._distributed_c10d._register_process_group(name, pg)
-                self._cross_pg = pg  # keeps it alive
+                self._private_gloo_group(name, [host[layout.local_rank] for host in layout.hosts])
                 self.cross_group = name
             return self.cross_group
+
+    def ensure_twin(self) -> None:
+        """The group's twin for our header checks and small all-reduces (Note [Carried header],
+        csrc/comm/transport.h), registered as the group's name + TWIN_SUFFIX, where C++ looks for it."""
+        with self._lock:
+            if self.twin is None:
+                self._private_gloo_group(self.name + TWIN_SUFFIX, list(range(self.size)))
+                self.twin = self.name + TWIN_SUFFIX
 
     def release(self) -> None:
         if self.shm_comm is not None:
             _ops.shm_detach(self.shm_comm)
-        if self.cross_group is not None:
-            self._cross_pg.shutdown()
-            torch._C._distributed_c10d._unregister_process_group(self.cross_group)
-            _ops.release_group(self.cross_group)
+        for name, pg in self._private:
+            pg.shutdown()
+            torch._C._distributed_c10d._unregister_process_group(name)
+            _ops.release_group(name)
+        self._private.clear()
         _ops.release_group(self.name)
 
 

@@ -7,6 +7,7 @@
 #include "comm/collectives.h"
 #include "comm/ring.h"
 #include "comm/session.h"
+#include "cpu/reduce.h"
 #include "common.h"
 
 namespace pyparallel {
@@ -31,16 +32,26 @@ void add_and_average(at::Tensor& dst, const at::Tensor& got, int n) {
 // into its own, so chunk c accumulates x_c + x_{c+1} + ... in ring order and rank c - 1 ends up with
 // its total. Each hop adds in fp32 and rounds to the tensor's dtype (partial sums travel in the
 // tensor's dtype, as in NCCL). All-gather: rank r forwards the finished chunk r + 1 and every chunk it
-// receives, unchanged, so every rank ends with the same bits.
+// receives, unchanged, so every rank ends with the same bits. A tensor of at most kCarryBytes travels
+// with the header check instead, where the transport can carry it (Note [Carried header]): summed in rank
+// order in fp32 and rounded once, as shared memory does.
 int64_t ring_all_reduce(at::Tensor& tensor, const std::string& group, bool average, int64_t segment_bytes) {
   const char* op = "ring_all_reduce_";
-  Session ring(group, tensor, CollectiveHeader::of(tensor, Collective::kDense, average, 0, segment_bytes), op);
-  check_float_tensor(tensor, op, "tensor");
+  at::Tensor flat = tensor.is_contiguous() ? tensor.view(-1) : tensor.contiguous().view(-1);
+  Session ring(group, tensor, CollectiveHeader::of(tensor, Collective::kDense, average, 0, segment_bytes), op, &flat);
+  check_float_tensor(tensor, op, "tensor");  // after the header check: a rank that raises alone would leave the others waiting
   TORCH_CHECK(segment_bytes > 0, op, ": segment_bytes must be positive, got ", segment_bytes);
   const int n = ring.size(), r = ring.rank();
   if (n == 1 || tensor.numel() == 0) return 0;
+  if (ring.carried()) {  // Note [Carried header]: every rank's tensor came with the headers
+    std::vector<const void*> rows(n);
+    for (int q = 0; q < n; ++q) rows[q] = ring.carried_row(q);
+    cpu::reduce_sources(flat.scalar_type(), rows.data(), n, flat.data_ptr(), nullptr, flat.numel(),
+                        average ? static_cast<float>(n) : 1.0f);
+    if (!tensor.is_contiguous()) tensor.copy_(flat.view(tensor.sizes()));
+    return ring.bytes_sent();
+  }
 
-  at::Tensor flat = tensor.is_contiguous() ? tensor.view(-1) : tensor.contiguous().view(-1);
   const int64_t esize = flat.element_size();
   const Partition part(flat.numel(), n, kDenseAlign, segment_bytes / esize);
   const int64_t J = part.segments(), ops = (n - 1) * J;

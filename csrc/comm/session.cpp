@@ -1,6 +1,7 @@
 // Session: tags, header check, transfers and their keep-alive for one collective; see session.h.
 #include "comm/session.h"
 
+#include <cstring>
 #include <mutex>
 #include <optional>
 #include <unordered_map>
@@ -44,7 +45,8 @@ void release_group_state(const std::string& group) {
   states().erase(group);
 }
 
-Session::Session(const std::string& group, const at::Tensor& like, const CollectiveHeader& header, const char* op)
+Session::Session(const std::string& group, const at::Tensor& like, const CollectiveHeader& header, const char* op,
+                 const at::Tensor* carry)
     : group_(group) {
   transport_ = transport_for(group, like);
   {
@@ -64,7 +66,7 @@ Session::Session(const std::string& group, const at::Tensor& like, const Collect
   device_ = like.device();
   rank_ = transport_->rank();
   size_ = transport_->size();
-  if (size_ > 1) exchange_headers(header, op);
+  if (size_ > 1) exchange_headers(header, op, carry);
 }
 
 Session::~Session() {
@@ -94,10 +96,33 @@ int Session::tag(int64_t seq) const {
 // Every rank learns every rank's header: straight from each peer where the transport allows independent
 // transfers (one round), else by a ring all-gather (n - 1 exchanges). Either way only this collective's
 // own tags are used, so nothing can cross a collective the caller runs on the same group meanwhile.
-void Session::exchange_headers(const CollectiveHeader& header, const char* op) {
+void Session::exchange_headers(const CollectiveHeader& header, const char* op, const at::Tensor* carry) {
   constexpr int kFields = CollectiveHeader::kFields;
-  at::Tensor all = at::empty({size_, kFields}, at::kLong);
+  constexpr int64_t kHeaderBytes = kFields * sizeof(int64_t);
   const auto mine = header.fields();
+  if (transport_->has_all_gather()) {  // Note [Carried header]
+    const int64_t nbytes = carry == nullptr ? -1 : carry->numel() * carry->element_size();
+    carried_ = nbytes >= 0 && nbytes <= kCarryBytes;
+    const int64_t row = kHeaderBytes + (carried_ ? kCarryBytes : 0);
+    at::Tensor in = at::zeros({row}, at::kByte);  // zeros: the unused bytes are the same on every rank
+    std::memcpy(in.data_ptr(), mine.data(), kHeaderBytes);
+    if (nbytes > 0 && carried_) {
+      TORCH_CHECK(carry->is_contiguous() && carry->device().is_cpu(), op, ": a carried tensor must be contiguous on the CPU");
+      std::memcpy(in.data_ptr<uint8_t>() + kHeaderBytes, carry->const_data_ptr(), nbytes);
+    }
+    at::Tensor out = at::empty({size_ * row}, at::kByte);  // flat: Gloo checks its chunks' shape against `in`
+    guarded([&] { transport_->all_gather(in, out)->wait(); });
+    rows_ = out.view({size_, row});
+    at::Tensor all = at::empty({size_, kFields}, at::kLong);
+    for (int q = 0; q < size_; ++q) {
+      std::memcpy(all[q].data_ptr<int64_t>(), rows_[q].const_data_ptr<uint8_t>(), kHeaderBytes);
+    }
+    bytes_sent_ = 0;
+    check_headers_agree(all.const_data_ptr<int64_t>(), size_, op);
+    if (carried_) bytes_sent_ = row * (size_ - 1);  // the carried payload's traffic from this rank
+    return;
+  }
+  at::Tensor all = at::empty({size_, kFields}, at::kLong);
   std::copy(mine.begin(), mine.end(), all[rank_].data_ptr<int64_t>());
   const int64_t seq = kTagSpan - 1;  // the window's last tag: data messages never get that far
   if (transport_->independent_transfers()) {
@@ -119,6 +144,11 @@ void Session::exchange_headers(const CollectiveHeader& header, const char* op) {
   finish();
   bytes_sent_ = 0;  // bytes_sent() counts the collective's payload
   check_headers_agree(all.const_data_ptr<int64_t>(), size_, op);
+}
+
+const void* Session::carried_row(int q) const {
+  TORCH_CHECK(carried_, "Session::carried_row: nothing was carried");
+  return rows_[q].const_data_ptr<uint8_t>() + CollectiveHeader::kFields * sizeof(int64_t);
 }
 
 size_t Session::record(Step step, int64_t sent_bytes) {

@@ -28,7 +28,10 @@ class Session {
   // flight (its peers' state is unknown: the group cannot be used any more), and then checks `header`
   // against every rank's through the transport itself (always: a mismatch raises the same error on
   // every rank instead of a crash or a hang).
-  Session(const std::string& group, const at::Tensor& like, const CollectiveHeader& header, const char* op);
+  // `carry`, where given and at most kCarryBytes, travels with the header where the transport can
+  // (Note [Carried header]); carried() says whether it did, carried_row(q) is rank q's copy.
+  Session(const std::string& group, const at::Tensor& like, const CollectiveHeader& header, const char* op,
+          const at::Tensor* carry = nullptr);
   ~Session();
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
@@ -53,6 +56,8 @@ class Session {
   // write into them: a leak is better than a use-after-free) and marks the group failed.
   void finish();
   int64_t bytes_sent() const { return bytes_sent_; }
+  bool carried() const { return carried_; }
+  const void* carried_row(int q) const;
 
  private:
   struct Step {
@@ -61,7 +66,7 @@ class Session {
   };
   size_t record(Step step, int64_t sent_bytes);
   int tag(int64_t seq) const;
-  void exchange_headers(const CollectiveHeader& header, const char* op);
+  void exchange_headers(const CollectiveHeader& header, const char* op, const at::Tensor* carry);
   template <class F>
   auto guarded(F&& f) -> decltype(f());  // a transfer that throws marks the group failed
 
@@ -72,6 +77,8 @@ class Session {
   int64_t window_ = 0;  // this collective's tag window
   int64_t bytes_sent_ = 0;
   std::deque<Step> steps_;
+  bool carried_ = false;
+  at::Tensor rows_;  // the carried all-gather: [size, header + kCarryBytes] bytes
 };
 
 // Forgets a group's collective numbers and failure (after the group is destroyed: a new group may reuse

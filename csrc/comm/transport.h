@@ -51,7 +51,27 @@ class Transport {
   // new init_process_group() give "0" again; torchft re-creates its groups on every quorum change), so
   // per-group state is tied to this, not to the name: a new incarnation starts afresh.
   virtual c10::weak_intrusive_ptr<c10::intrusive_ptr_target> incarnation() const = 0;
+  // An all-gather of one equal-sized row per rank (in: [row], out: [size * row]) as ONE collective over a
+  // channel only our collectives use (Note [Carried header]), where the transport has one.
+  virtual bool has_all_gather() const { return false; }
+  virtual TransferPtr all_gather(const at::Tensor& in, const at::Tensor& out) {
+    TORCH_CHECK(false, "this transport has no all_gather");
+  }
 };
+
+// Note [Carried header]
+// Gloo's point-to-point send/recv costs a few thread hand-offs per message (measured on the 2-core VM
+// under load: a 16-float ping-pong 4 ms, Gloo's own all-gather of 16 KiB 0.35 ms), so a header check by
+// transfers dominated small all-reduces. pyparallel/transport.py therefore gives every CPU group a
+// private twin: a Gloo group over the same store, registered as `<group>` + kTwinSuffix, used by our
+// worker thread only (never a collective on the caller's group). Every collective's header check is then
+// one all-gather of the 7 header fields. A dense all-reduce of at most kCarryBytes is carried in that same
+// all-gather (rows of header + kCarryBytes, whatever its size, so ranks that disagree on numel or dtype
+// still exchange rows of one size and the header check names the difference) and summed in rank order
+// in fp32, as shared memory does: one collective in all. Only ranks that disagree on whether the tensor
+// fits kCarryBytes exchange rows of different sizes; Gloo then fails the all-gather (within the timeout).
+constexpr const char* kTwinSuffix = "/pyparallel-twin";
+constexpr int64_t kCarryBytes = 16 << 10;
 
 // The transport for collectives of `like`'s device on the process group named `group`.
 std::shared_ptr<Transport> transport_for(const std::string& group, const at::Tensor& like);

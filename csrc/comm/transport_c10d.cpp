@@ -21,7 +21,8 @@ TransferPtr wrap(c10::intrusive_ptr<c10d::Work> work) { return std::make_shared<
 
 class C10dTransport final : public Transport {
  public:
-  C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> pg, bool cuda) : pg_(std::move(pg)), cuda_(cuda) {}
+  C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> pg, c10::intrusive_ptr<c10d::ProcessGroup> twin, bool cuda)
+      : pg_(std::move(pg)), twin_(std::move(twin)), cuda_(cuda) {}
 
   int rank() const override { return pg_->getRank(); }
   int size() const override { return pg_->getSize(); }
@@ -55,6 +56,14 @@ class C10dTransport final : public Transport {
     return c10::weak_intrusive_ptr<c10::intrusive_ptr_target>(target);
   }
 
+  bool has_all_gather() const override { return static_cast<bool>(twin_); }
+
+  TransferPtr all_gather(const at::Tensor& in, const at::Tensor& out) override {
+    TORCH_CHECK(twin_, "C10dTransport::all_gather: the group has no twin");
+    at::Tensor i = in, o = out;
+    return wrap(twin_->_allgather_base(o, i));
+  }
+
   TransferPtr recv(const at::Tensor& t, int peer, int tag) override {
     TORCH_CHECK(!cuda_, "C10dTransport::recv: independent transfers are CPU (Gloo) only");
     std::vector<at::Tensor> v{t};
@@ -63,13 +72,21 @@ class C10dTransport final : public Transport {
 
  private:
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  c10::intrusive_ptr<c10d::ProcessGroup> twin_;  // Note [Carried header]; null where there is none
   bool cuda_;
 };
 
 }  // namespace
 
 std::shared_ptr<Transport> transport_for(const std::string& group, const at::Tensor& like) {
-  return std::make_shared<C10dTransport>(c10d::resolve_process_group(group), like.is_cuda());
+  c10::intrusive_ptr<c10d::ProcessGroup> twin;
+  if (!like.is_cuda()) {
+    try {
+      twin = c10d::resolve_process_group(group + kTwinSuffix);
+    } catch (const c10::Error&) {  // none registered (the inter-host groups, ops called directly)
+    }
+  }
+  return std::make_shared<C10dTransport>(c10d::resolve_process_group(group), std::move(twin), like.is_cuda());
 }
 
 }  // namespace pyparallel
