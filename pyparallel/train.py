@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import hooks
+from . import hooks, reducer
 from .data_parallel import DataParallel
 from .transport import TRANSPORTS
 
@@ -71,11 +71,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2, help="hidden layers")
     p.add_argument("--ratio", type=float, default=0.01, help="top-k: fraction of each bucket sent")
     p.add_argument("--warmup-steps", type=int, default=0, help="top-k: dense steps first")
-    p.add_argument("--block-size", type=int, default=256, help="int8: elements per quantization block")
+    p.add_argument("--block-size", type=int, default=reducer.BLOCK_SIZE, help="int8: elements per quantization block")
     p.add_argument("--transport", choices=list(TRANSPORTS), default="auto",
                    help="auto: shared memory on one host, hierarchical across hosts (the hook's compression "
                         "applies across hosts only); ring: our ring over Gloo/NCCL everywhere")
-    p.add_argument("--bucket-cap-mb", type=float, default=25)
+    p.add_argument("--bucket-cap-mb", type=float, default=reducer.BUCKET_CAP_MB)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", metavar="PREFIX", help="save PREFIX.rank<r>.pt at the end of every epoch")
     p.add_argument("--resume", metavar="PREFIX", help="continue from PREFIX.rank<r>.pt")
