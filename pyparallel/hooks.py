@@ -13,6 +13,8 @@ fp16_hook       bucket / n cast to fp16 (halves the bytes)               our rin
 bf16_hook       bucket / n cast to bf16                                   our ring, summed in bf16 per hop
 int8_hook       blockwise int8 + fp32 scales (~1/4 of fp32)              ring that re-quantizes every hop
 topk_hook       k values + int32 indices per rank, error feedback        sparse all-gather (not summable)
+powersgd_hook   rank-r factors P (n x r) and Q (m x r) per matrix, the   our all-reduce, twice (P, then Q);
+                rest exact; error feedback, warm start                    see :mod:`pyparallel.powersgd`
 ==============  =======================================================  ==================================
 
 Example:
@@ -205,3 +207,7 @@ def topk_hook(state: TopkState, bucket: dist.GradBucket) -> torch.futures.Future
     if bucket.is_last():
         state.iteration += 1
     return fut
+
+
+# PowerSGD lives in its own module (it needs HookState, defined above).
+from .powersgd import PowerSGDState, powersgd_hook  # noqa: E402,F401
