@@ -19,8 +19,9 @@ Per bucket and iteration, once ``iter >= start_powerSGD_iter`` (before that: an 
 1. error feedback: add the parameter's remembered error, keep a copy of the sum;
 2. every gradient viewed as an n x m matrix M (n = first dim) is compressed when that saves enough
    (``(n + m) * r * min_compression_rate < n * m``); the others are all-reduced together, uncompressed;
-3. P = M Q (Q: m x r, warm-started from the last iteration, random at the first), all-reduce P (sum),
-   orthogonalise P, Q = M^T P, all-reduce Q (sum) and divide by the world size, M = P Q^T;
+3. P = M Q (Q: m x r, warm-started from the last iteration, random at the first), all-reduce P (sum;
+   in the same all-reduce as the uncompressed gradients, which torch sends apart), orthogonalise P,
+   Q = M^T P, all-reduce Q (sum) and divide by the world size, M = P Q^T;
 4. error = the copy - the result.
 
 Example:
@@ -85,7 +86,8 @@ def _matrix_shape(shape: torch.Size) -> tuple[int, int] | None:
 class _Layout:
     """One bucket's parameters (by key): which are compressed, and the flat buffers for P, Q and errors."""
 
-    __slots__ = ("keys", "numels", "compressed", "uncompressed", "p_memory", "q_memory", "ps", "qs", "error",
+    __slots__ = ("keys", "numels", "compressed", "uncompressed", "first", "plain", "p_memory", "q_memory", "ps", "qs",
+                 "error",
                  "has_error", "has_q")
 
     def __init__(self, keys, shapes, rank, min_compression_rate, like: torch.Tensor):
@@ -102,7 +104,11 @@ class _Layout:
         self.compressed = []  # (position in bucket, n, m, r)
         for (n, m), members in by_shape.items():
             self.compressed += [(i, n, m, min(n, m, rank)) for i in members]
-        self.p_memory = like.new_empty(sum(n * r for _, n, _, r in self.compressed))
+        # The first all-reduce carries the uncompressed gradients and P together (torch sends them apart):
+        # one collective fewer per bucket, the same sums.
+        n_plain = sum(self.numels[i] for i in self.uncompressed)
+        self.first = like.new_empty(n_plain + sum(n * r for _, n, _, r in self.compressed))
+        self.plain, self.p_memory = self.first[:n_plain], self.first[n_plain:]
         self.q_memory = like.new_empty(sum(m * r for _, _, m, r in self.compressed))
         self.ps, self.qs, p_at, q_at = [], [], 0, 0
         for _, n, m, r in self.compressed:
@@ -360,8 +366,8 @@ def _check_rng(rng) -> tuple:
 def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """PowerSGD average of the bucket (module docstring): an exact average before
     ``state.start_powerSGD_iter``, then rank-``r`` compression of the gradients that gain from it and an
-    exact average of the rest, with error feedback and warm start. Three all-reduces per bucket at most
-    (the uncompressed gradients, P, Q), each skipped when empty; results bitwise identical on every rank.
+    exact average of the rest, with error feedback and warm start. Two all-reduces per bucket: the
+    uncompressed gradients with P, then Q (skipped when empty); results bitwise identical on every rank.
     Works under torch's DDP (``register_comm_hook``) and :class:`pyparallel.DataParallel`."""
     params = bucket.parameters()
     keys = state._keys(params)
@@ -386,9 +392,8 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.future
         before = buffer.clone()
 
     uncompressed = [grads[i] for i in layout.uncompressed]
-    flat = ops.bucket_flatten(uncompressed, buffer.new_empty(sum(t.numel() for t in uncompressed)))
-    fut_flat = (comm.submit(flat, group, "sum", None, transport, on_bytes=state._count) if flat.numel() else None)
-
+    if uncompressed:
+        ops.bucket_flatten(uncompressed, layout.plain)
     matrices = [grads[i].view(n, m) for i, n, m, _ in layout.compressed]
     if state.warm_start and layout.has_q:
         for q in layout.qs:
@@ -399,20 +404,16 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.future
             q.copy_(torch.randn(q.shape, generator=generator, dtype=q.dtype))
             _orthogonalize(q, state.orthogonalization_epsilon)
         layout.has_q = True
-    fut_p = None
-    if layout.compressed:
-        for matrix, q, p in zip(matrices, layout.qs, layout.ps):
-            torch.matmul(matrix, q, out=p)
-        fut_p = comm.submit(layout.p_memory, group, "sum", None, transport, on_bytes=state._count)
-    last = fut_p if layout.compressed else fut_flat
+    for matrix, q, p in zip(matrices, layout.qs, layout.ps):
+        torch.matmul(matrix, q, out=p)
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         # Runs on the group's worker thread (or here, if the future is already done); a collective issued
-        # from it runs at once, so every rank issues P, Q of this bucket before the next bucket's.
-        if fut_flat is not None:
-            ops.bucket_unflatten(fut_flat.value().div_(world), uncompressed)
+        # from it runs at once, so every rank issues this bucket's Q before the next bucket's collectives.
+        fut.value()  # raises if the all-reduce failed
+        if uncompressed:
+            ops.bucket_unflatten(layout.plain.div_(world), uncompressed)
         if layout.compressed:
-            fut.value()
             for p in layout.ps:
                 _orthogonalize(p, state.orthogonalization_epsilon)
             for matrix, p, q in zip(matrices, layout.ps, layout.qs):
@@ -426,8 +427,9 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.future
             state._remember_errors(layout)
         return buffer
 
-    if last is None:  # an empty bucket
+    if layout.first.numel() == 0:  # an empty bucket
         done = torch.futures.Future()
         done.set_result(buffer)
         return done
+    last = comm.submit(layout.first, group, "sum", None, transport, on_bytes=state._count)
     return last.then(finish)

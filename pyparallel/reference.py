@@ -306,19 +306,19 @@ class PowerSGD:
         else:
             qs = {i: _gram_schmidt(q, self.epsilon) for i, q in qs.items()}
         result = [list(t.clone() for t in ranks) for ranks in per_rank]
-        if plain:
-            total = self.all_reduce([torch.cat([t[i].reshape(-1) for i in plain]) for t in per_rank]) / n
-            pieces = self._split(total, [shapes[i] for i in plain])
-            for ranks in result:
-                for i, piece in zip(plain, pieces):
-                    ranks[i] = piece.clone()
+        ms = [[per_rank[r][i].reshape(rows, cols) for i, rows, cols, _ in order] for r in range(n)]
+        # One all-reduce for the uncompressed gradients and P, as the hook sends them.
+        sent = self.all_reduce([torch.cat([t[i].reshape(-1) for i in plain]
+                                          + [(m @ qs[i]).reshape(-1) for m, (i, *_) in zip(ms[r], order)])
+                                for r, t in enumerate(per_rank)])
+        n_plain = sum(shapes[i].numel() for i in plain)
+        pieces = self._split(sent[:n_plain] / n, [shapes[i] for i in plain])
+        for ranks in result:
+            for i, piece in zip(plain, pieces):
+                ranks[i] = piece.clone()
         if order:
-            ms = [[per_rank[r][i].reshape(rows, cols) for i, rows, cols, _ in order] for r in range(n)]
-            p_sum = self.all_reduce([torch.cat([(m @ qs[i]).reshape(-1) for m, (i, *_) in zip(ms[r], order)])
-                                     for r in range(n)])
-            ps = {i: _gram_schmidt(p, self.epsilon)
-                  for (i, rows, _, r), p in zip(order, p_sum.split([rows * r for _, rows, _, r in order]))
-                  for p in [p.view(rows, r)]}
+            ps = {i: _gram_schmidt(p.view(rows, r), self.epsilon)
+                  for (i, rows, _, r), p in zip(order, sent[n_plain:].split([rows * r for _, rows, _, r in order]))}
             q_sum = self.all_reduce([torch.cat([(m.t() @ ps[i]).reshape(-1) for m, (i, *_) in zip(ms[r], order)])
                                      for r in range(n)]) / n
             qs = {i: q.view(cols, r) for (i, _, cols, r), q in zip(order, q_sum.split([c * r for _, _, c, r in order]))}
