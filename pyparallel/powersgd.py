@@ -87,8 +87,7 @@ class _Layout:
     """One bucket's parameters (by key): which are compressed, and the flat buffers for P, Q and errors."""
 
     __slots__ = ("keys", "numels", "compressed", "uncompressed", "first", "plain", "p_memory", "q_memory", "ps", "qs",
-                 "error",
-                 "has_error", "has_q")
+                 "error", "errors", "has_error", "has_q")
 
     def __init__(self, keys, shapes, rank, min_compression_rate, like: torch.Tensor):
         self.keys = keys
@@ -116,11 +115,9 @@ class _Layout:
             self.qs.append(self.q_memory[q_at:q_at + m * r].view(m, r))
             p_at, q_at = p_at + n * r, q_at + m * r
         self.error = like.new_zeros(sum(self.numels))
+        self.errors = list(self.error.split(self.numels))  # per parameter
         self.has_error = False  # no error remembered yet: nothing to add (x + 0 would turn -0 into +0)
         self.has_q = False      # Qs hold last iteration's values (else they are drawn at random)
-
-    def error_views(self) -> list[torch.Tensor]:
-        return list(self.error.split(self.numels))
 
 
 class PowerSGDState(hooks.HookState):
@@ -223,23 +220,22 @@ class PowerSGDState(hooks.HookState):
         layout = _Layout(keys, [torch.Size(self._shape_of[k]) for k in keys], self.matrix_approximation_rank,
                          self.min_compression_rate, buffer)
         # Carry over what the parameters had in their previous bucket (or from a checkpoint).
-        errors = layout.error_views()
-        for key, view in zip(keys, errors):
+        for key, view in zip(keys, layout.errors):
             old = self._error_of.get(key)
             if old is not None:
                 view.copy_(old)
                 layout.has_error = True
         # Every key of a bucket that went through a compressed iteration has a Q (0 x r if it is sent
-        # uncompressed), so a bucket draws random Qs once, as torch's does, even with nothing to draw.
+        # uncompressed), so a bucket draws random Qs once, as torch's does, even with nothing to draw. A Q
+        # that does not fit (min_compression_rate changed since the checkpoint) makes the bucket draw anew.
         layout.has_q = all(k in self._q_of for k in keys)
         for (i, *_), q in zip(layout.compressed, layout.qs):
             old = self._q_of.get(keys[i])
-            if old is not None:
-                if old.shape != q.shape:
-                    raise ValueError(f"PowerSGDState: parameter {keys[i]}'s Q has shape {tuple(old.shape)}, expected "
-                                     f"{tuple(q.shape)}")
+            if old is not None and old.shape == q.shape:
                 q.copy_(old)
-        for key, view in zip(keys, errors):
+            else:
+                layout.has_q = False
+        for key, view in zip(keys, layout.errors):
             stale = self._layout_of_key.get(key)
             if stale is not None:
                 self._layouts.pop(stale, None)
@@ -255,7 +251,7 @@ class PowerSGDState(hooks.HookState):
 
     def _remember_errors(self, layout: _Layout) -> None:
         layout.has_error = True
-        for key, view in zip(layout.keys, layout.error_views()):
+        for key, view in zip(layout.keys, layout.errors):
             self._error_of[key] = view
 
     # ---- checkpoints ----

@@ -37,9 +37,9 @@ class _Net(nn.Module):
         return self.c(h) + self.k.reshape(5, 8)[:, :7].sum(0)
 
 
-def _batch(seed, step, world, n=8):
+def _batch(seed, step, world, n=8, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed * 1000 + step)
-    return torch.randn(n * world, 24, generator=g), torch.randint(0, 7, (n * world,), generator=g)
+    return torch.randn(n * world, 24, generator=g).to(dtype), torch.randint(0, 7, (n * world,), generator=g)
 
 
 def _local_grads(model, x, y):
@@ -64,23 +64,23 @@ def _wrap(model, wrapper, state, hook=hooks.powersgd_hook, bucket_cap_mb=0.004):
 
 # ---- worker-side cases ----
 
-def _matches_reference(seed, transport, steps=5, start=2):
+def _matches_reference(seed, transport, steps=5, start=2, dtype=torch.float32):
     """Our hook under DataParallel, every rank's gradients, equal bitwise to the reference's for every
     rank; gradients only (the parameters stay put), a new batch per step."""
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {}
     for r in (1, 2, 4):
-        model = _Net(seed)
+        model = _Net(seed).to(dtype)
         state = hooks.PowerSGDState(matrix_approximation_rank=r, start_powerSGD_iter=start, transport=transport,
                                     random_seed=seed)
         dp = _wrap(model, "pyparallel", state)
         buckets = dp._reducer.buckets
         assert len(buckets) >= 3, buckets
         ref = reference.PowerSGD(world, rank=r, start_iter=start, seed=seed, all_reduce=_reference_all_reduce(transport))
-        plain = _Net(seed)
+        plain = _Net(seed).to(dtype)
         got = []
         for step in range(steps):
-            x, y = _batch(seed, step, world)
+            x, y = _batch(seed, step, world, dtype=dtype)
             local = [_local_grads(plain, x.chunk(world)[q], y.chunk(world)[q]) for q in range(world)]
             expect = ref.step([[[local[q][i] for i in members] for q in range(world)] for members in buckets])
             dp.zero_grad(set_to_none=True)
@@ -201,6 +201,14 @@ def test_equals_reference_bitwise(dist_pool, world_size, transport):
         for other in results[1:]:
             for a, b in zip(results[0][r], other[r]):
                 assert all(torch.equal(x, y) for x, y in zip(a, b)), r
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_equals_reference_bitwise_half(dist_pool, dtype):
+    # fp16/bf16 buckets: the ring sums in fp32 and rounds per hop, Gram-Schmidt at every rank.
+    results = dist_pool(2).run(_matches_reference, random.randrange(2**20), "ring", 5, 2, dtype, timeout=300)
+    assert all(torch.equal(x, y) for r in results[0] for a, b in zip(results[0][r], results[1][r])
+               for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
