@@ -77,9 +77,17 @@ class DataParallel(nn.Module):
     def comm_hook(self):
         return self._reducer.comm_hook
 
+    @comm_hook.setter
+    def comm_hook(self, hook) -> None:
+        self._reducer.comm_hook = hook
+
     @property
     def hook_state(self):
         return self._reducer.hook_state
+
+    @hook_state.setter
+    def hook_state(self, state) -> None:
+        self._reducer.hook_state = state
 
     # ---- public ----
 
