@@ -6,9 +6,14 @@ bytes each rank sent per step, and the speedup over the fp32 allreduce hook with
 row ``builtin`` is torch DDP without a hook (its own Gloo all-reduce), the baseline users start from.
 Part ``curves``: the small default model trained --epochs epochs per hook (pyparallel.DataParallel);
 test accuracy and loss per epoch, written to a PNG (--plot) and to the JSON.
+Part ``powersgd``: the small default model trained --epochs epochs under torch's DDP with torch's
+``powerSGD_hook`` and with ours (default transport and the ring), at each --powersgd-ranks rank, the three
+interleaved and repeated --repeats times: final test accuracy and the median step time. (One bucket:
+torch's hook deadlocks on Gloo with several.) The time part's powersgd row compresses from step 0.
 
     python benchmarks/train.py -n 2                       # loopback
     python benchmarks/train.py -n 2 --link-gbit 1 --parts time --json link.json   # root: 1 Gbit/s links
+    python benchmarks/train.py -n 2 --parts powersgd --repeats 3                 # ours against torch's PowerSGD
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from launch import launch  # noqa: E402
 
-HOOKS = ("allreduce", "fp16", "int8", "topk")
+HOOKS = ("allreduce", "fp16", "int8", "topk", "powersgd")
 
 
 def step_times(args, wrapper: str, hook: str) -> dict:
@@ -35,7 +40,8 @@ def step_times(args, wrapper: str, hook: str) -> dict:
 
     cfg = train.parser().parse_args(["--hook", hook if hook != "builtin" else "allreduce", "--ddp", wrapper,
                                      "--hidden", str(args.hidden), "--layers", str(args.layers),
-                                     "--ratio", str(args.ratio)])
+                                     "--ratio", str(args.ratio), "--powersgd-rank", str(args.powersgd_ranks[0]),
+                                     "--powersgd-start-iter", "0"])
     if hook == "builtin":  # torch DDP with its own all-reduce: no hook at all
         model = train.make_model(args.hidden, args.layers, cfg.seed)
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
@@ -75,6 +81,48 @@ def curves(args) -> dict:
         result = train.run(cfg)
         out[hook] = result["curve"]
     return out
+
+
+POWERSGD_VARIANTS = (("torch", "torch-powersgd", "auto"), ("ours", "powersgd", "auto"), ("ours", "powersgd", "ring"))
+
+
+def powersgd(args) -> list[dict]:
+    """Torch's powerSGD_hook against ours under torch's DDP, the same model, data, seed and rank."""
+    from pyparallel import train
+
+    rows = []
+    for rank in args.powersgd_ranks:
+        for repeat in range(args.repeats):
+            for impl, hook, transport in POWERSGD_VARIANTS:
+                cfg = train.parser().parse_args([
+                    "--hook", hook, "--ddp", "torch", "--transport", transport, "--powersgd-rank", str(rank),
+                    "--epochs", str(args.epochs), "--threads", str(args.threads), "--no-progress"])
+                dist.barrier()
+                result = train.run(cfg)
+                t = torch.tensor([result["seconds_per_step"]], dtype=torch.float64)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's time
+                rows.append(dict(rank=rank, repeat=repeat, impl=impl, transport=transport,
+                                 test_accuracy=result["test_accuracy"], ms_per_step=t.item() * 1e3,
+                                 bytes_per_step=result["bytes_sent_per_step"], steps=result["steps"]))
+    return rows
+
+
+def print_powersgd(rows: list[dict], args) -> None:
+    print(f"# PowerSGD on digits, torch DDP, {args.ranks} ranks, {args.epochs} epochs, start_powerSGD_iter 10, "
+          f"median of {args.repeats} interleaved runs")
+    print(f"# {'rank':>4} {'hook':<6} {'transport':<9} {'accuracy':>9} {'ms/step':>8} {'vs torch':>8} "
+          f"{'bytes/step/rank':>15}")
+    for rank in args.powersgd_ranks:
+        base = None
+        for impl, _, transport in POWERSGD_VARIANTS:
+            mine = [r for r in rows if r["rank"] == rank and r["impl"] == impl and r["transport"] == transport]
+            ms = statistics.median(r["ms_per_step"] for r in mine)
+            accs = sorted({round(100 * r["test_accuracy"], 2) for r in mine})
+            base = ms if impl == "torch" else base
+            sent = mine[0]["bytes_per_step"]
+            print(f"  {rank:>4} {impl:<6} {transport if impl == 'ours' else 'gloo':<9} "
+                  f"{'/'.join(f'{a:.2f}' for a in accs):>9} {ms:>8.2f} {base / ms:>7.2f}x "
+                  f"{f'{sent:,.0f}' if sent is not None else '-':>15}", flush=True)
 
 
 def plot(curve_by_hook: dict, path: str, title: str) -> None:
@@ -139,6 +187,11 @@ def worker(args) -> int:
             if args.plot:
                 plot(curve_by_hook, args.plot, f"pyparallel hooks, {args.ranks} ranks")
                 print(f"# wrote {args.plot}")
+    if "powersgd" in args.parts:
+        rows = powersgd(args)
+        report["powersgd"] = rows
+        if rank == 0:
+            print_powersgd(rows, args)
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -150,7 +203,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", "--ranks", type=int, default=2)
-    p.add_argument("--parts", default="time,curves", help="comma list of: time, curves")
+    p.add_argument("--parts", default="time,curves", help="comma list of: time, curves, powersgd")
     p.add_argument("--hidden", type=int, default=2560, help="step-time model: hidden units")
     p.add_argument("--layers", type=int, default=3, help="step-time model: hidden layers")
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
@@ -159,6 +212,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=20, help="curves: epochs per hook")
     p.add_argument("--ratio", type=float, default=0.01, help="top-k ratio")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--powersgd-ranks", type=lambda v: [int(x) for x in v.split(",")], default=[2, 4],
+                   help="powersgd: comma list of matrix approximation ranks (the time part uses the first)")
+    p.add_argument("--repeats", type=int, default=3, help="powersgd: runs of each variant")
     p.add_argument("--link-gbit", type=float, default=None, help="emulate links of this many Gbit/s (root)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PNG", default="bench-out/train_curves.png")

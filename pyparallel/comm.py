@@ -24,6 +24,9 @@ from .ops import DEFAULT_BLOCK_SIZE
 
 _ops = torch.ops.pyparallel
 
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes pyparallel's collectives reduce (fp16/bf16 accumulated in fp32)."""
+
 
 @dataclass(frozen=True)
 class Int8:

@@ -1,9 +1,9 @@
-"""A minimal data-parallel trainer with its own bucketing reducer.
+"""A minimal data-parallel trainer on pyparallel's reducer.
 
-Gradients are grouped into buckets (``ops.bucket_assignment``: reverse registration order, one dtype and
-device per bucket, a small first bucket). A post-accumulate-grad hook on every parameter counts the
-gradients a bucket still waits for; when a bucket is complete its gradients are flattened into the
-bucket's buffer (one copy launch) and the communication hook starts on it, while backward goes on
+Gradients are grouped into buckets by :class:`pyparallel.reducer.Reducer` (reverse registration order,
+one dtype and device per bucket, a small first bucket). A post-accumulate-grad hook on every parameter
+tells the reducer when a gradient is final; when a bucket is complete its gradients are flattened into
+the bucket's buffer (one copy launch) and the communication hook starts on it, while backward goes on
 computing the earlier layers' gradients. Buckets start strictly in index order, so every rank issues
 the same sequence of collectives. At the end of backward (an autograd-engine callback) the trainer
 waits for every bucket and copies the averaged gradients back into ``param.grad``.
@@ -19,18 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import hooks, ops
-from .transport import check as check_transport
-from .grad_bucket import Bucket
-
-MB = 1024 * 1024
-
-
-class _BucketPlan:
-    __slots__ = ("index", "param_indices", "buffer")
-
-    def __init__(self, index: int, param_indices: list[int], buffer: torch.Tensor):
-        self.index, self.param_indices, self.buffer = index, param_indices, buffer
+from . import ops, reducer
 
 
 class DataParallel(nn.Module):
@@ -39,10 +28,11 @@ class DataParallel(nn.Module):
     Args:
         module: the model; rank 0's parameters and buffers are broadcast to every rank here.
         process_group: group to average over (default: the world).
-        bucket_cap_mb: bucket size cap in MiB (the first bucket is ``first_bucket_mb``).
+        bucket_cap_mb: bucket size cap in MiB (the first bucket is ``first_bucket_mb``); defaults in
+            :mod:`pyparallel.reducer`.
         comm_hook: ``hook(state, bucket) -> Future[Tensor]``, e.g. one of :mod:`pyparallel.hooks` or your
             own with the same signature (the one DDP's ``register_comm_hook`` takes). Default:
-            :func:`hooks.allreduce_hook`.
+            :data:`pyparallel.reducer.DEFAULT_HOOK` (pyparallel's exact :func:`hooks.allreduce_hook`).
         hook_state: the hook's state (default: a :class:`hooks.HookState` on ``process_group``).
         transport: which transport the hook's collectives use (``"auto"``, ``"ring"``, ``"shm"``,
             ``"hierarchical"``; see :mod:`pyparallel.transport`); sets ``hook_state.transport``. Default:
@@ -58,40 +48,46 @@ class DataParallel(nn.Module):
         ...     loss_fn(model(x2), y2).backward()
     """
 
-    def __init__(self, module: nn.Module, process_group: dist.ProcessGroup | None = None, bucket_cap_mb: float = 25,
-                 comm_hook=None, hook_state=None, find_unused_parameters: bool = False,
-                 broadcast_buffers: bool = True, first_bucket_mb: float = 1, transport: str | None = None):
+    def __init__(self, module: nn.Module, process_group: dist.ProcessGroup | None = None,
+                 bucket_cap_mb: float = reducer.BUCKET_CAP_MB, comm_hook=None, hook_state=None,
+                 find_unused_parameters: bool = False, broadcast_buffers: bool = True,
+                 first_bucket_mb: float = reducer.FIRST_BUCKET_MB, transport: str | None = None):
         super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("DataParallel: torch.distributed is not initialized (call dist.init_process_group first)")
         self.module = module
         self.process_group = process_group
-        self.comm_hook = comm_hook if comm_hook is not None else hooks.allreduce_hook
-        self.hook_state = hook_state if hook_state is not None else hooks.HookState(process_group)
-        if transport is not None:
-            self.hook_state.transport = check_transport(transport, "DataParallel")
         self.find_unused_parameters = find_unused_parameters
         self.broadcast_buffers = broadcast_buffers
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self._names = [n for n, _ in named]
-        self._params = [p for _, p in named]
-        if not self._params:
+        if not named:
             raise ValueError("DataParallel: the module has no parameters that require gradients")
         self._broadcast(list(module.parameters()) + list(module.buffers()))
-        groups = ops.bucket_assignment(self._params, (int(first_bucket_mb * MB), int(bucket_cap_mb * MB)))
-        self._buckets = []
-        self._bucket_of = {}
-        for b, indices in enumerate(groups):
-            first = self._params[indices[0]]
-            numel = sum(self._params[i].numel() for i in indices)
-            self._buckets.append(_BucketPlan(b, indices, torch.zeros(numel, dtype=first.dtype, device=first.device)))
-            self._bucket_of.update((i, b) for i in indices)
-        for i, p in enumerate(self._params):
+        self._reducer = reducer.Reducer([p for _, p in named], process_group, comm_hook, hook_state,
+                                        bucket_cap_mb, first_bucket_mb, transport, "DataParallel")
+        for i, p in enumerate(self._reducer.params):
             p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, i))
         self._sync = True
         self._armed = False
         self._lock = threading.Lock()  # autograd may run hooks of independent branches on several threads
         self.events: list[tuple[str, int]] = []  # this iteration: ("grad", param), ("launch", bucket), ("end", -1)
+
+    @property
+    def comm_hook(self):
+        return self._reducer.comm_hook
+
+    @comm_hook.setter
+    def comm_hook(self, hook) -> None:
+        self._reducer.comm_hook = hook
+
+    @property
+    def hook_state(self):
+        return self._reducer.hook_state
+
+    @hook_state.setter
+    def hook_state(self, state) -> None:
+        self._reducer.hook_state = state
 
     # ---- public ----
 
@@ -117,9 +113,9 @@ class DataParallel(nn.Module):
     @property
     def bucket_sizes(self) -> list[int]:
         """Elements per bucket, in launch order."""
-        return [b.buffer.numel() for b in self._buckets]
+        return self._reducer.bucket_sizes
 
-    # ---- reducer ----
+    # ---- reduction during backward ----
 
     def _broadcast(self, tensors: list[torch.Tensor]) -> None:
         src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
@@ -132,11 +128,8 @@ class DataParallel(nn.Module):
             ops.bucket_unflatten(flat, [t.detach() for t in group])
 
     def _arm(self) -> None:
-        self._pending = [len(b.param_indices) for b in self._buckets]
-        self._ready = [False] * len(self._buckets)
-        self._futures: list = [None] * len(self._buckets)
-        self._seen = [False] * len(self._params)
-        self._next = 0
+        self._reducer.start()
+        self._seen = [False] * len(self._names)
         self._callback_queued = False
         self.events = []
         self._armed = True
@@ -157,21 +150,7 @@ class DataParallel(nn.Module):
             self._mark_ready(i)
 
     def _mark_ready(self, i: int) -> None:
-        b = self._bucket_of[i]
-        self._pending[b] -= 1
-        if self._pending[b] == 0:
-            self._ready[b] = True
-            while self._next < len(self._buckets) and self._ready[self._next]:
-                self._launch(self._buckets[self._next])
-                self._next += 1
-
-    def _launch(self, plan: _BucketPlan) -> None:
-        params = [self._params[i] for i in plan.param_indices]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        ops.bucket_flatten(grads, plan.buffer)
-        bucket = Bucket(plan.index, plan.buffer, params, is_last=plan.index == len(self._buckets) - 1)
-        self.events.append(("launch", plan.index))
-        self._futures[plan.index] = self.comm_hook(self.hook_state, bucket)
+        self.events.extend(("launch", b) for b in self._reducer.grad_ready(i))
 
     def _finish(self) -> None:
         """End of backward: launch what is left, wait for every bucket, write the averaged gradients."""
@@ -187,14 +166,6 @@ class DataParallel(nn.Module):
                 for i in unused:  # zero contributions, so every rank still launches every bucket in order
                     self._seen[i] = True
                     self._mark_ready(i)
-            for plan, fut in zip(self._buckets, self._futures):
-                result = fut.wait()
-                if result is not plan.buffer:
-                    plan.buffer.copy_(result)
-                params = [self._params[i] for i in plan.param_indices]
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                ops.bucket_unflatten(plan.buffer, [p.grad for p in params])
+            self._reducer.finish()
         finally:
             self._armed = False

@@ -13,6 +13,8 @@ fp16_hook       bucket / n cast to fp16 (halves the bytes)               our rin
 bf16_hook       bucket / n cast to bf16                                   our ring, summed in bf16 per hop
 int8_hook       blockwise int8 + fp32 scales (~1/4 of fp32)              ring that re-quantizes every hop
 topk_hook       k values + int32 indices per rank, error feedback        sparse all-gather (not summable)
+powersgd_hook   rank-r factors P (n x r) and Q (m x r) per matrix, the   our all-reduce, twice (P, then Q);
+                rest exact; error feedback, warm start                    see :mod:`pyparallel.powersgd`
 ==============  =======================================================  ==================================
 
 Example:
@@ -145,8 +147,24 @@ def _average(state: HookState, bucket, tensor: torch.Tensor, compression=None, o
 
 
 def allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Exact average with pyparallel's ring; bitwise identical on every rank."""
-    return _average(state, bucket, bucket.buffer())
+    """Exact average with pyparallel's ring; bitwise identical on every rank.
+
+    It is every trainer's default hook (:mod:`pyparallel.reducer`), so a bucket of a dtype that our
+    collectives do not reduce (float64, e.g. a pipeline checked against a float64 reference) is averaged
+    by ``torch.distributed.all_reduce`` instead, as torch's own ``allreduce_hook`` does."""
+    buffer = bucket.buffer()
+    if buffer.dtype not in comm.DTYPES:
+        return _torch_average(state, buffer)
+    return _average(state, bucket, buffer)
+
+
+def _torch_average(state: HookState, tensor: torch.Tensor) -> torch.futures.Future:
+    state.buckets_reduced += 1
+    n = state.world_size()
+    state._count(2 * (n - 1) * tensor.numel() * tensor.element_size() // n)  # what a ring all-reduce sends
+    tensor.div_(n)
+    work = dist.all_reduce(tensor, group=state.process_group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 def _cast_hook(state: HookState, bucket, dtype: torch.dtype) -> torch.futures.Future:
@@ -189,3 +207,7 @@ def topk_hook(state: TopkState, bucket: dist.GradBucket) -> torch.futures.Future
     if bucket.is_last():
         state.iteration += 1
     return fut
+
+
+# PowerSGD lives in its own module (it needs HookState, defined above).
+from .powersgd import PowerSGDState, powersgd_hook  # noqa: E402,F401

@@ -240,3 +240,112 @@ def hierarchical_all_reduce(inputs: list[torch.Tensor], hosts: list[list[int]], 
                 got = got.div_(world)
             out[region] = got
     return out.view(inputs[0].shape)
+
+
+# PowerSGD (torch's powerSGD_hook, pyparallel.powersgd): every rank at once, one bucket layout, plain loops.
+
+def _gram_schmidt(m: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Orthonormal columns: QR for r > 2 (fp32), else Gram-Schmidt; a zero column stays zero."""
+    m = m.clone()
+    if m.shape[1] > 2 and m.dtype not in (torch.float16, torch.bfloat16):
+        # In place through out=, as torch's hook does: linalg.qr(m).Q differs in the last bits.
+        torch.linalg.qr(m, out=(m, m.new_empty(m.shape[1], m.shape[1])))
+        return m
+    for i in range(m.shape[1]):
+        norm = torch.linalg.vector_norm(m[:, i:i + 1], dim=0, keepdim=True)
+        if epsilon == 0:
+            norm = torch.where(norm == 0, torch.ones_like(norm), norm)
+        else:
+            norm = norm + epsilon
+        m[:, i:i + 1] = m[:, i:i + 1] / norm
+        if i + 1 < m.shape[1]:
+            col = m[:, i:i + 1]
+            m[:, i + 1:] = m[:, i + 1:] - torch.sum(col * m[:, i + 1:], dim=0, keepdim=True) * col
+    return m
+
+
+class PowerSGD:
+    """What every rank's PowerSGD hook returns, computed for all ranks in one process.
+
+    ``step(buckets)`` takes ``buckets[b][r]``: rank r's gradients in bucket b (a list of tensors, the
+    bucket's order; the last bucket ends the iteration) and returns the averaged gradients in the same
+    structure. ``all_reduce(list of every rank's tensor) -> the sum`` is the collective to model
+    (:func:`ring_all_reduce` for our ring, :func:`shm_all_reduce` for shared memory); before
+    ``start_iter`` buckets are averaged with ``all_reduce(..., average=True)``. State is kept per bucket
+    index: the layout must not change.
+    """
+
+    def __init__(self, world_size: int, rank: int = 1, start_iter: int = 0, min_compression_rate: float = 2,
+                 error_feedback: bool = True, warm_start: bool = True, epsilon: float = 0, seed: int = 0,
+                 all_reduce=ring_all_reduce):
+        import numpy as np
+
+        self.n, self.rank, self.start_iter, self.rate = world_size, rank, start_iter, min_compression_rate
+        self.error_feedback, self.warm_start, self.epsilon = error_feedback, warm_start, epsilon
+        self.rng = np.random.RandomState(seed)
+        self.all_reduce = all_reduce
+        self.iter = 0
+        self.errors: dict = {}  # bucket -> [flat error per rank]
+        self.qs: dict = {}      # bucket -> {position in bucket: Q}
+
+    def step(self, buckets: list[list[list[torch.Tensor]]]) -> list[list[list[torch.Tensor]]]:
+        out = [self._bucket(b, grads) for b, grads in enumerate(buckets)]
+        self.iter += 1
+        return out
+
+    def _bucket(self, b: int, grads: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        n, shapes = self.n, [g.shape for g in grads[0]]
+        flats = [torch.cat([g.reshape(-1) for g in rank_grads]) for rank_grads in grads]
+        if self.iter < self.start_iter:
+            avg = self.all_reduce(flats, average=True)
+            return [self._split(avg, shapes) for _ in range(n)]
+        if self.error_feedback and b in self.errors:
+            flats = [f + e for f, e in zip(flats, self.errors[b])]
+        per_rank = [self._split(f, shapes) for f in flats]
+        # Which tensors are compressed: n x m views that shrink by more than the rate; grouped by shape.
+        groups: dict = {}
+        plain = []
+        for i, s in enumerate(shapes):
+            rows = s[0] if len(s) and s.numel() else 0
+            cols = s.numel() // rows if rows else 0
+            r = min(rows, cols, self.rank)
+            if rows and (rows + cols) * r * self.rate < rows * cols:
+                groups.setdefault((rows, cols), []).append(i)
+            else:
+                plain.append(i)
+        order = [(i, rows, cols, min(rows, cols, self.rank)) for (rows, cols), idx in groups.items() for i in idx]
+        qs = self.qs.get(b)
+        if not self.warm_start or qs is None:
+            gen = torch.Generator().manual_seed(int(self.rng.randint(1_000_000_000)))  # even with nothing to draw
+            qs = {i: _gram_schmidt(torch.randn((cols, r), generator=gen, dtype=flats[0].dtype), self.epsilon)
+                  for i, rows, cols, r in order}
+        else:
+            qs = {i: _gram_schmidt(q, self.epsilon) for i, q in qs.items()}
+        result = [list(t.clone() for t in ranks) for ranks in per_rank]
+        ms = [[per_rank[r][i].reshape(rows, cols) for i, rows, cols, _ in order] for r in range(n)]
+        # One all-reduce for the uncompressed gradients and P, as the hook sends them.
+        sent = self.all_reduce([torch.cat([t[i].reshape(-1) for i in plain]
+                                          + [(m @ qs[i]).reshape(-1) for m, (i, *_) in zip(ms[r], order)])
+                                for r, t in enumerate(per_rank)])
+        n_plain = sum(shapes[i].numel() for i in plain)
+        pieces = self._split(sent[:n_plain] / n, [shapes[i] for i in plain])
+        for ranks in result:
+            for i, piece in zip(plain, pieces):
+                ranks[i] = piece.clone()
+        if order:
+            ps = {i: _gram_schmidt(p.view(rows, r), self.epsilon)
+                  for (i, rows, _, r), p in zip(order, sent[n_plain:].split([rows * r for _, rows, _, r in order]))}
+            q_sum = self.all_reduce([torch.cat([(m.t() @ ps[i]).reshape(-1) for m, (i, *_) in zip(ms[r], order)])
+                                     for r in range(n)]) / n
+            qs = {i: q.view(cols, r) for (i, _, cols, r), q in zip(order, q_sum.split([c * r for _, _, c, r in order]))}
+            for ranks in result:
+                for i, *_ in order:
+                    ranks[i] = (ps[i] @ qs[i].t()).view(shapes[i])
+        self.qs[b] = qs
+        if self.error_feedback:
+            self.errors[b] = [f - torch.cat([t.reshape(-1) for t in ranks]) for f, ranks in zip(flats, result)]
+        return result
+
+    @staticmethod
+    def _split(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
+        return [piece.view(s) for piece, s in zip(flat.split([s.numel() for s in shapes]), shapes)]

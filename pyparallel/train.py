@@ -22,8 +22,9 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
-from . import hooks
+from . import hooks, reducer
 from .data_parallel import DataParallel
 from .transport import TRANSPORTS
 
@@ -34,6 +35,16 @@ HOOKS = {
     "int8": (hooks.int8_hook, lambda a: hooks.Int8State(block_size=a.block_size, transport=a.transport)),
     "topk": (hooks.topk_hook,
              lambda a: hooks.TopkState(ratio=a.ratio, warmup_steps=a.warmup_steps, transport=a.transport)),
+    "powersgd": (hooks.powersgd_hook,
+                 lambda a: hooks.PowerSGDState(matrix_approximation_rank=a.powersgd_rank,
+                                               start_powerSGD_iter=a.powersgd_start_iter, random_seed=a.seed,
+                                               transport=a.transport)),
+    # torch's own PowerSGD, for comparison (Gloo all-reduce; no byte count, no checkpoint of its state).
+    # On Gloo it deadlocks with more than one bucket: keep the model within one bucket.
+    "torch-powersgd": (powerSGD_hook.powerSGD_hook,
+                       lambda a: powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=a.powersgd_rank,
+                                                             start_powerSGD_iter=a.powersgd_start_iter,
+                                                             random_seed=a.seed)),
 }
 
 
@@ -71,11 +82,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2, help="hidden layers")
     p.add_argument("--ratio", type=float, default=0.01, help="top-k: fraction of each bucket sent")
     p.add_argument("--warmup-steps", type=int, default=0, help="top-k: dense steps first")
-    p.add_argument("--block-size", type=int, default=256, help="int8: elements per quantization block")
+    p.add_argument("--powersgd-rank", type=int, default=2, help="powersgd: matrix approximation rank r")
+    p.add_argument("--powersgd-start-iter", type=int, default=10,
+                   help="powersgd: exact averaging for this many steps first (torch's start_powerSGD_iter)")
+    p.add_argument("--block-size", type=int, default=reducer.BLOCK_SIZE, help="int8: elements per quantization block")
     p.add_argument("--transport", choices=list(TRANSPORTS), default="auto",
                    help="auto: shared memory on one host, hierarchical across hosts (the hook's compression "
                         "applies across hosts only); ring: our ring over Gloo/NCCL everywhere")
-    p.add_argument("--bucket-cap-mb", type=float, default=25)
+    p.add_argument("--bucket-cap-mb", type=float, default=reducer.BUCKET_CAP_MB)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", metavar="PREFIX", help="save PREFIX.rank<r>.pt at the end of every epoch")
     p.add_argument("--resume", metavar="PREFIX", help="continue from PREFIX.rank<r>.pt")
@@ -114,6 +128,9 @@ def run(args) -> dict:
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu")
     x_train, y_train, x_test, y_test = load_digits_split(args.seed)
     model, wrapped, state, optimizer = build(args, device)
+    if (args.checkpoint or args.resume) and not hasattr(state, "state_dict"):
+        raise ValueError(f"pyparallel.train: --hook {args.hook} keeps no checkpointable state; "
+                         "--checkpoint/--resume need one of pyparallel's hooks")
     start_epoch, step = 0, 0
     if args.resume:
         ckpt = torch.load(_ckpt_path(args.resume, rank), weights_only=False)
@@ -124,7 +141,9 @@ def run(args) -> dict:
 
     loss_fn = nn.CrossEntropyLoss()
     steps_per_epoch = len(x_train) // (args.batch_size * world)
-    curve, samples, elapsed, bytes_at_start, steps_at_start = [], 0, 0.0, state.bytes_sent, step
+    counts_bytes = hasattr(state, "bytes_sent")  # torch's PowerSGD state does not count
+    curve, samples, elapsed, steps_at_start = [], 0, 0.0, step
+    bytes_at_start = state.bytes_sent if counts_bytes else 0
     progress = None
     if rank == 0 and not args.no_progress:
         from tqdm import tqdm
@@ -172,7 +191,7 @@ def run(args) -> dict:
         "test_accuracy": curve[-1]["test_accuracy"] if curve else None,
         "samples_per_s": samples / elapsed if elapsed else None,
         "seconds_per_step": elapsed / steps_run if steps_run else None,
-        "bytes_sent_per_step": (state.bytes_sent - bytes_at_start) / steps_run if steps_run else None,
+        "bytes_sent_per_step": (state.bytes_sent - bytes_at_start) / steps_run if steps_run and counts_bytes else None,
         "curve": curve,
         "final_parameters": [p.detach().cpu().clone() for p in model.parameters()],
     }
@@ -186,12 +205,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.d
 
 def summary(result: dict) -> str:
     fp32 = 2 * (result["world_size"] - 1) / result["world_size"] * 4 * result["parameters"]
-    sent = result["bytes_sent_per_step"] or 0.0
+    sent = result["bytes_sent_per_step"]
     return (f"pyparallel.train: {result['hook']} hook, {result['ddp']} data parallel, {result['world_size']} ranks, "
             f"{result['parameters']:,} parameters, {result['steps']} steps\n"
             f"  test accuracy      {100 * result['test_accuracy']:.2f}%\n"
             f"  throughput         {result['samples_per_s']:.0f} samples/s ({1e3 * result['seconds_per_step']:.1f} ms/step)\n"
-            f"  bytes sent / step  {sent:,.0f} per rank ({100 * sent / fp32:.1f}% of an fp32 ring all-reduce)")
+            + (f"  bytes sent / step  {sent:,.0f} per rank"
+               + (f" ({100 * sent / fp32:.1f}% of an fp32 ring all-reduce)" if fp32 else "")
+               if sent is not None else "  bytes sent / step  not counted by this hook's state"))
 
 
 def _worker(rank: int, world: int, init_file: str, args) -> None:

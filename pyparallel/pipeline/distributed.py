@@ -46,8 +46,10 @@ class DistributedPipeline:
             ``"gpipe"`` (all ``m``); the same bubble ``(p - 1) / (m + p - 1)``.
         device: this rank's device; default ``cuda:<current device>`` with NCCL, else CPU.
         comm_hook: DDP-style ``hook(state, bucket) -> Future[Tensor]`` for the data groups; default
-            torch's ``allreduce_hook`` (average). Unused without replicas.
-        hook_state: the hook's state; default the data group (for hooks such as ``allreduce_hook``).
+            pyparallel's exact ``hooks.allreduce_hook`` (average; the default of every trainer,
+            :mod:`pyparallel.reducer`). Unused without replicas.
+        hook_state: the hook's state; default a ``hooks.HookState`` on the data group without
+            ``comm_hook``, the data group itself with one (the state torch's own hooks take).
         grid: a :class:`ProcessGrid` made beforehand (e.g. to build ``hook_state`` on its data group);
             by default one is created (collective).
 

@@ -1,35 +1,35 @@
-"""Averaging one stage's gradients over its data group through a DDP-style communication hook."""
+"""Averaging one stage's gradients over its data group: a thin use of :class:`pyparallel.reducer.Reducer`."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from .. import ops
-from ..grad_bucket import Bucket
+from ..reducer import CommHook, Reducer
 
-CommHook = Callable[[Any, Bucket], torch.futures.Future]
+__all__ = ["CommHook", "GradSync"]
 
 
 class GradSync:
     """Reduces the gradients of ``params`` over ``process_group`` with ``hook``, bucket by bucket.
 
-    The gradients are copied into flat buckets (DDP's assignment: per dtype and device, last parameters
-    first, 1 MiB first bucket then 25 MiB), each wrapped in a :class:`pyparallel.grad_bucket.Bucket` and
-    handed to ``hook(state, bucket)``; every bucket's hook is launched before any is waited for, so the
-    buckets' communication overlaps. The hook's result is copied back into the gradients.
+    The reducer's buckets and defaults (:mod:`pyparallel.reducer`: per dtype and device, last parameters
+    first, 1 MiB first bucket then 25 MiB); every bucket's hook is launched before any is waited for, so
+    the buckets' communication overlaps. The hook's result is copied back into the gradients.
 
     Args:
         params: the stage's parameters (those without ``requires_grad`` are skipped).
         process_group: the data group.
         hook: ``hook(state, bucket) -> Future[Tensor]`` returning the reduced (averaged) 1-D buffer, as
-            for ``DistributedDataParallel.register_comm_hook``. Default: torch's ``allreduce_hook``,
-            which divides by the group size and all-reduces.
-        state: the hook's state; default ``process_group`` (what ``allreduce_hook`` expects).
+            for ``DistributedDataParallel.register_comm_hook``. Default: the reducer's default,
+            pyparallel's exact :func:`pyparallel.hooks.allreduce_hook` (it was torch's ``allreduce_hook``
+            before the reducer was shared).
+        state: the hook's state. Default: with no ``hook``, a :class:`pyparallel.hooks.HookState` on
+            ``process_group``; with a ``hook``, ``process_group`` itself (the state torch's own hooks,
+            such as ``default_hooks.allreduce_hook``, take).
 
     Example:
         >>> sync = GradSync(stage.parameters(), grid.data_group)
@@ -38,26 +38,10 @@ class GradSync:
 
     def __init__(self, params: Iterable[torch.nn.Parameter], process_group: dist.ProcessGroup,
                  hook: CommHook | None = None, state: Any = None):
-        self._params = [p for p in params if p.requires_grad]
-        self._buckets = ops.bucket_assignment(self._params)
-        self._hook = hook if hook is not None else allreduce_hook
-        self._state = process_group if state is None else state
+        if hook is not None and state is None:
+            state = process_group
+        self._reducer = Reducer(params, process_group, hook, state, name="GradSync")
 
     def reduce(self) -> None:
         """Replaces every gradient by the hook's reduction over the data group (missing gradients count as 0)."""
-        for p in self._params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        launched = []
-        for index, members in enumerate(self._buckets):
-            params = [self._params[i] for i in members]
-            bucket = Bucket(index, ops.bucket_flatten([p.grad for p in params]), params,
-                            is_last=index == len(self._buckets) - 1)
-            launched.append((bucket, self._hook(self._state, bucket)))
-        for bucket, future in launched:
-            reduced = future.wait()
-            if not isinstance(reduced, torch.Tensor) or reduced.shape != bucket.buffer().shape:
-                got = tuple(reduced.shape) if isinstance(reduced, torch.Tensor) else type(reduced).__name__
-                raise TypeError(f"comm hook must return a Future of the bucket's reduced 1-D tensor of shape "
-                                f"{tuple(bucket.buffer().shape)}, got {got} for bucket {bucket.index()}")
-            ops.bucket_unflatten(reduced.to(bucket.buffer().dtype), [p.grad for p in bucket.parameters()])
+        self._reducer.reduce()
