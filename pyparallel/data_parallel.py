@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import hooks, ops
+from .consistency import check_same_tensors, tensor_specs
 from .transport import check as check_transport
 from .grad_bucket import Bucket
 
@@ -77,6 +78,9 @@ class DataParallel(nn.Module):
         self._params = [p for _, p in named]
         if not self._params:
             raise ValueError("DataParallel: the module has no parameters that require gradients")
+        # Before the first broadcast, which would abort or mix bytes if the ranks' models differ.
+        check_same_tensors({"parameter": tensor_specs(module.named_parameters()),
+                            "buffer": tensor_specs(module.named_buffers())}, process_group, "DataParallel")
         self._broadcast(list(module.parameters()) + list(module.buffers()))
         groups = ops.bucket_assignment(self._params, (int(first_bucket_mb * MB), int(bucket_cap_mb * MB)))
         self._buckets = []
