@@ -97,12 +97,12 @@ def _data_parallel_mismatch(kind):
     return None
 
 
-def _pipeline_balance_mismatch():
+def _pipeline_balance_mismatch(balances):
     rank = dist.get_rank()
     torch.manual_seed(0)
     layers = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5))
     try:
-        DistributedPipeline(layers, F.cross_entropy, balance=[2, 3] if rank == 0 else [3, 2], n_microbatches=2)
+        DistributedPipeline(layers, F.cross_entropy, balance=balances[rank], n_microbatches=2)
     except ValueError as e:
         return str(e)
     return None
@@ -228,10 +228,14 @@ def test_data_parallel_parameter_mismatch_raises_on_every_rank(dist_pool, kind, 
 
 
 def test_pipeline_balance_mismatch_raises_on_every_rank(dist_pool):
-    messages = dist_pool(2).run(_pipeline_balance_mismatch, timeout=60)
+    messages = dist_pool(2).run(_pipeline_balance_mismatch, [[2, 3], [3, 2]], timeout=60)
     for msg in messages:
         assert msg is not None and "ranks disagree" in msg and "[2, 3]" in msg and "[3, 2]" in msg, msg
     assert messages[0] == messages[1]
+    # A balance only one rank rejects: that rank raises its own error, the other names it.
+    messages = dist_pool(2).run(_pipeline_balance_mismatch, [[2, 3], [3, 3]], timeout=60)
+    assert "rank 1 rejected it: ValueError: balance [3, 3] covers 6 layers but the model has 5" in messages[0]
+    assert messages[1] == "balance [3, 3] covers 6 layers but the model has 5"
     losses = dist_pool(2).run(_pipeline_balance_agreed, timeout=60)  # agreeing ranks still train
     assert losses[0] is None and losses[1] is not None
 
