@@ -44,7 +44,8 @@ class DataParallel(nn.Module):
         comm_hook: ``hook(state, bucket) -> Future[Tensor]``, e.g. one of :mod:`pyparallel.hooks` or your
             own with the same signature (the one DDP's ``register_comm_hook`` takes). Default:
             :func:`hooks.allreduce_hook`.
-        hook_state: the hook's state (default: a :class:`hooks.HookState` on ``process_group``).
+        hook_state: the hook's state (default: a :class:`hooks.HookState` on ``process_group``); a
+            :class:`hooks.HookState` without a registered model gets ``module`` registered.
         transport: which transport the hook's collectives use (``"auto"``, ``"ring"``, ``"shm"``,
             ``"hierarchical"``; see :mod:`pyparallel.transport`); sets ``hook_state.transport``. Default:
             the state's own (``"auto"`` unless set there).
@@ -71,6 +72,8 @@ class DataParallel(nn.Module):
         self.hook_state = hook_state if hook_state is not None else hooks.HookState(process_group)
         if transport is not None:
             self.hook_state.transport = check_transport(transport, "DataParallel")
+        if isinstance(self.hook_state, hooks.HookState) and not self.hook_state.model_registered:
+            self.hook_state.register_model(module)  # per-parameter state keyed by name (hooks.py)
         self.find_unused_parameters = find_unused_parameters
         self.broadcast_buffers = broadcast_buffers
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]

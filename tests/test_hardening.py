@@ -137,8 +137,13 @@ def _topk_hook_nonfinite(transport):
     def state_hook(state, buffer):
         return hooks.topk_hook(state, Bucket(0, buffer, [param], is_last=True)).wait().clone()
 
-    state = hooks.TopkState(ratio=0.05, transport=transport)
-    skipped = hooks.TopkState(ratio=0.05, transport=transport)  # the same run without the bad step
+    group = None
+    if transport == "hierarchical":  # every rank on its own emulated host: top-k across hosts, with residuals
+        os.environ["PYPARALLEL_HOST"] = f"host{rank}"
+        group = dist.new_group(list(range(world)))
+        os.environ.pop("PYPARALLEL_HOST")
+    state = hooks.TopkState(group, ratio=0.05, transport=transport)
+    skipped = hooks.TopkState(group, ratio=0.05, transport=transport)  # the same run without the bad step
     step(state, grads[0][rank])
     step(skipped, grads[0][rank])
     residual_before = state.residual_of(param).clone()
@@ -153,6 +158,10 @@ def _topk_hook_nonfinite(transport):
     out["continues_as_if_skipped"] = torch.equal(a, b) and torch.equal(state.residual_of(param),
                                                                         skipped.residual_of(param))
     out["residual_finite"] = bool(torch.isfinite(state.residual_of(param)).all())
+    out["residual_nonzero"] = bool(state.residual_of(param).any())  # error feedback is really at work
+    if group is not None:
+        pyparallel.release(group)
+        dist.destroy_process_group(group)
     return out
 
 
@@ -240,12 +249,12 @@ def test_pipeline_balance_mismatch_raises_on_every_rank(dist_pool):
     assert losses[0] is None and losses[1] is not None
 
 
-@pytest.mark.parametrize("transport", ["ring", "shm"])
+@pytest.mark.parametrize("transport", ["ring", "hierarchical"])
 def test_topk_hook_nonfinite_gradients_do_not_enter_the_residual(dist_pool, transport):
     for out in dist_pool(2).run(_topk_hook_nonfinite, transport, timeout=60):
         assert out["bad_result_nonfinite"], "every rank must see the non-finite step (GradScaler skips it)"
         assert out["residual_kept"] and out["nonfinite_buckets"] == 1, out
-        assert out["continues_as_if_skipped"] and out["residual_finite"], out
+        assert out["continues_as_if_skipped"] and out["residual_finite"] and out["residual_nonzero"], out
 
 
 def test_all_reduce_on_a_non_member_behaves_like_torch(dist_pool):
