@@ -119,7 +119,7 @@ def build(args, device: torch.device):
     """(model, wrapped model, hook state, optimizer) as configured by ``args``."""
     model = make_model(args.hidden, args.layers, args.seed).to(device)
     hook, make_state = HOOKS[args.hook]
-    state = make_state(args)
+    state = make_state(args).register_model(model)  # residuals keyed by parameter name, checkpoints portable
     if args.ddp == "torch":
         wrapped = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
         wrapped.register_comm_hook(state, hook)
