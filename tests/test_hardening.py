@@ -119,27 +119,26 @@ def _pipeline_balance_agreed():
 
 
 def _topk_hook_nonfinite(transport):
-    """Step 2 has a non-finite gradient on rank 1 only. Every rank must see a non-finite result (so every
-    rank's GradScaler skips the step) and keep its residual from before the step; step 3 then continues
-    exactly as if step 2 had never happened."""
+    """Step 2 has NaN and Inf gradients on rank 1 only, more of them than k. Every rank must see a
+    non-finite result (so every rank's GradScaler skips the step) and count it; rank 1's residual stays as
+    it was (it continues exactly like a run without the bad step); no residual holds a NaN or Inf
+    afterwards. With 4 ranks on 2 emulated hosts (hierarchical), rank 1's NaNs are summed into the region
+    rank 0 owns, so rank 0's residual must drop them."""
     rank, world = dist.get_rank(), dist.get_world_size()
     param = torch.zeros(1000)
     g = torch.Generator().manual_seed(7)
     grads = [[torch.randn(1000, generator=g) for _ in range(world)] for _ in range(3)]
     poisoned = grads[1][rank].clone()
-    if rank == 1:
-        poisoned[3], poisoned[500] = float("inf"), float("nan")
+    if rank == 1:  # 200 non-finite entries, k = 50: not all of them can be sent
+        poisoned[::5] = float("nan")
+        poisoned[1::50] = float("inf")
 
     def step(state, grad):
-        buffer = grad.clone()
-        return state_hook(state, buffer)
-
-    def state_hook(state, buffer):
-        return hooks.topk_hook(state, Bucket(0, buffer, [param], is_last=True)).wait().clone()
+        return hooks.topk_hook(state, Bucket(0, grad.clone(), [param], is_last=True)).wait().clone()
 
     group = None
-    if transport == "hierarchical":  # every rank on its own emulated host: top-k across hosts, with residuals
-        os.environ["PYPARALLEL_HOST"] = f"host{rank}"
+    if transport == "hierarchical":
+        os.environ["PYPARALLEL_HOST"] = f"host{rank * 2 // world}"
         group = dist.new_group(list(range(world)))
         os.environ.pop("PYPARALLEL_HOST")
     state = hooks.TopkState(group, ratio=0.05, transport=transport)
@@ -151,12 +150,13 @@ def _topk_hook_nonfinite(transport):
     out = {
         "bad_result_nonfinite": not bool(torch.isfinite(bad).all()),
         "residual_kept": torch.equal(state.residual_of(param), residual_before),
+        "residual_finite_after_bad": bool(torch.isfinite(state.residual_of(param)).all()),
         "nonfinite_buckets": state.nonfinite_buckets,
     }
-    a = step(state, grads[2][rank])
-    b = step(skipped, grads[2][rank])
-    out["continues_as_if_skipped"] = torch.equal(a, b) and torch.equal(state.residual_of(param),
-                                                                        skipped.residual_of(param))
+    good = step(state, grads[2][rank])
+    step(skipped, grads[2][rank])
+    out["next_result_finite"] = bool(torch.isfinite(good).all())
+    out["continues_as_if_skipped"] = torch.equal(state.residual_of(param), skipped.residual_of(param))
     out["residual_finite"] = bool(torch.isfinite(state.residual_of(param)).all())
     out["residual_nonzero"] = bool(state.residual_of(param).any())  # error feedback is really at work
     if group is not None:
@@ -249,12 +249,17 @@ def test_pipeline_balance_mismatch_raises_on_every_rank(dist_pool):
     assert losses[0] is None and losses[1] is not None
 
 
-@pytest.mark.parametrize("transport", ["ring", "hierarchical"])
-def test_topk_hook_nonfinite_gradients_do_not_enter_the_residual(dist_pool, transport):
-    for out in dist_pool(2).run(_topk_hook_nonfinite, transport, timeout=60):
+@pytest.mark.parametrize("transport,world_size", [("ring", 2), ("hierarchical", 4)])
+def test_topk_hook_nonfinite_gradients_do_not_enter_the_residual(dist_pool, transport, world_size):
+    results = dist_pool(world_size).run(_topk_hook_nonfinite, transport, timeout=60)
+    for rank, out in enumerate(results):
         assert out["bad_result_nonfinite"], "every rank must see the non-finite step (GradScaler skips it)"
-        assert out["residual_kept"] and out["nonfinite_buckets"] == 1, out
-        assert out["continues_as_if_skipped"] and out["residual_finite"] and out["residual_nonzero"], out
+        assert out["nonfinite_buckets"] == 1, out
+        assert out["residual_finite_after_bad"] and out["residual_finite"] and out["residual_nonzero"], (rank, out)
+        assert out["next_result_finite"], (rank, out)
+    poisoned = results[1]
+    assert poisoned["residual_kept"], "the rank with NaN/Inf gradients keeps its residual as it was"
+    assert poisoned["continues_as_if_skipped"], poisoned
 
 
 def test_all_reduce_on_a_non_member_behaves_like_torch(dist_pool):
