@@ -38,7 +38,8 @@ class DataParallel(nn.Module):
     """Wraps ``module`` so that ``loss.backward()`` leaves gradients averaged over the process group.
 
     Args:
-        module: the model; rank 0's parameters and buffers are broadcast to every rank here.
+        module: the model; rank 0's parameters and buffers are broadcast to every rank here, after a
+            check that every rank's have the same names, shapes and dtypes (ValueError on every rank).
         process_group: group to average over (default: the world).
         bucket_cap_mb: bucket size cap in MiB (the first bucket is ``first_bucket_mb``).
         comm_hook: ``hook(state, bucket) -> Future[Tensor]``, e.g. one of :mod:`pyparallel.hooks` or your
