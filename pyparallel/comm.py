@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,6 +74,11 @@ def _average(op: str) -> bool:
     return op == "avg"
 
 
+def _not_a_member(group) -> bool:
+    """True for what ``dist.new_group`` returns on a rank it does not include (as torch's own check)."""
+    return group is not None and not isinstance(group, dist.ProcessGroup) and group == dist.GroupMember.NON_GROUP_MEMBER
+
+
 def _group(group) -> dist.ProcessGroup:
     if not dist.is_initialized():
         raise RuntimeError("all_reduce: torch.distributed is not initialized (call dist.init_process_group first)")
@@ -130,6 +136,12 @@ def _kind(compression: Compression):
     if isinstance(compression, Int8):
         return 1, compression
     if isinstance(compression, Topk):
+        residual = compression.residual
+        if residual is not None and not isinstance(residual, torch.Tensor):
+            raise TypeError(f"Topk: residual must be a tensor or None, got {type(residual).__name__}")
+        if residual is not None and residual.requires_grad:  # as torch's in-place ops refuse
+            raise ValueError("Topk: the residual requires grad, and the error feedback updates it in place, which "
+                             "autograd forbids; pass a tensor that does not require grad (e.g. residual.detach())")
         return 2, compression
     raise ValueError(f"all_reduce: compression must be None, 'int8', Int8(...) or Topk(...), got {compression!r}")
 
@@ -300,13 +312,20 @@ def all_reduce(
     the transport itself; a mismatch raises the same error on every rank instead of hanging.
 
     Returns:
-        None, or a future when ``async_op``. Results are bitwise identical on every rank.
+        None, or a future when ``async_op``. Results are bitwise identical on every rank. On a rank that
+        is not a member of ``group`` it does what ``torch.distributed.all_reduce`` does: warns, leaves
+        ``tensor`` alone and returns None, also with ``async_op``.
 
     Example:
         >>> t = torch.randn(1 << 20)
         >>> pyparallel.all_reduce(t, op="avg", compression="int8")
         >>> fut = pyparallel.all_reduce(t, async_op=True); ...; fut.wait()
     """
+    if _not_a_member(group):
+        _average(op)  # bad arguments still raise, as in torch
+        warnings.warn(f"Running all_reduce on global rank {dist.get_rank()} which does not belong to the given "
+                      "group.", stacklevel=2)
+        return None
     if not async_op and not tensor.is_cuda:
         average, g = _average(op), _group(group)
         if worker(g.group_name).run_inline(lambda: collective(tensor, g, average, compression, transport)):

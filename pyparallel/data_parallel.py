@@ -19,21 +19,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import ops, reducer
+from . import hooks, ops, reducer
+from .consistency import check_same_tensors, tensor_specs
 
 
 class DataParallel(nn.Module):
     """Wraps ``module`` so that ``loss.backward()`` leaves gradients averaged over the process group.
 
     Args:
-        module: the model; rank 0's parameters and buffers are broadcast to every rank here.
+        module: the model; rank 0's parameters and buffers are broadcast to every rank here, after a
+            check that every rank's have the same names, shapes and dtypes (ValueError on every rank).
         process_group: group to average over (default: the world).
         bucket_cap_mb: bucket size cap in MiB (the first bucket is ``first_bucket_mb``); defaults in
             :mod:`pyparallel.reducer`.
         comm_hook: ``hook(state, bucket) -> Future[Tensor]``, e.g. one of :mod:`pyparallel.hooks` or your
             own with the same signature (the one DDP's ``register_comm_hook`` takes). Default:
             :data:`pyparallel.reducer.DEFAULT_HOOK` (pyparallel's exact :func:`hooks.allreduce_hook`).
-        hook_state: the hook's state (default: a :class:`hooks.HookState` on ``process_group``).
+        hook_state: the hook's state (default: a :class:`hooks.HookState` on ``process_group``); a
+            :class:`hooks.HookState` without a registered model gets ``module`` registered.
         transport: which transport the hook's collectives use (``"auto"``, ``"ring"``, ``"shm"``,
             ``"hierarchical"``; see :mod:`pyparallel.transport`); sets ``hook_state.transport``. Default:
             the state's own (``"auto"`` unless set there).
@@ -63,9 +66,13 @@ class DataParallel(nn.Module):
         self._names = [n for n, _ in named]
         if not named:
             raise ValueError("DataParallel: the module has no parameters that require gradients")
+        # Before the first broadcast, which would abort or mix bytes if the ranks' models differ.
+        check_same_tensors({"parameter": tensor_specs(module.named_parameters()),
+                            "buffer": tensor_specs(module.named_buffers())}, process_group, "DataParallel")
         self._broadcast(list(module.parameters()) + list(module.buffers()))
         self._reducer = reducer.Reducer([p for _, p in named], process_group, comm_hook, hook_state,
                                         bucket_cap_mb, first_bucket_mb, transport, "DataParallel")
+        self._register_model(self._reducer.hook_state)
         for i, p in enumerate(self._reducer.params):
             p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, i))
         self._sync = True
@@ -87,7 +94,13 @@ class DataParallel(nn.Module):
 
     @hook_state.setter
     def hook_state(self, state) -> None:
+        self._register_model(state)
         self._reducer.hook_state = state
+
+    def _register_model(self, state) -> None:
+        # Per-parameter hook state keyed by name (Note [Hook state keyed by parameter], param_keys.py).
+        if isinstance(state, hooks.HookState) and not state.model_registered:
+            state.register_model(self.module)
 
     # ---- public ----
 

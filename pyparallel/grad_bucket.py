@@ -14,8 +14,8 @@ class Bucket:
     """Flat gradient buffer of one bucket plus the parameters it belongs to.
 
     Args:
-        index: bucket index, stable across iterations (hook state such as error-feedback residuals is
-            keyed by it).
+        index: bucket index, stable across iterations (pyparallel's hooks key their state by parameter
+            instead, Note [Hook state keyed by parameter]).
         buffer: the flat 1-D gradient buffer of the bucket.
         parameters: the parameters whose gradients fill ``buffer`` end to end, in buffer order.
         is_last: whether this is the last bucket to be reduced in the iteration.

@@ -123,9 +123,32 @@ def bucket_unflatten(flat, tensors):
 DENSE_ALIGN = 16
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def ring_partition(numel: int, n: int, align: int, segment_elems: int) -> list[list[slice]]:
+    """The ring's ``Partition`` (csrc/comm/ring.cpp) written out: ``[c][j]`` is segment j of chunk c.
+
+    n chunks of ``ceil(ceil(numel / n) / align) * align`` elements (the last ones shorter or empty), each
+    cut into the same number of pipeline segments of an aligned size near ``segment_elems``; a chunk up to
+    one segment long stays whole.
+    """
+    per_chunk = _ceil_div(_ceil_div(numel, n), align) * align
+    target = max(align, segment_elems // align * align)
+    segments = max(1, _ceil_div(per_chunk, target))
+    per_segment = _ceil_div(_ceil_div(per_chunk, segments), align) * align
+    out = []
+    for c in range(n):
+        begin, end = min(c * per_chunk, numel), min((c + 1) * per_chunk, numel)
+        out.append([slice(min(begin + j * per_segment, end), min(begin + (j + 1) * per_segment, end))
+                    for j in range(segments)])
+    return out
+
+
 def _chunks(numel: int, n: int, align: int) -> list[slice]:
-    per = -(-(-(-numel // n)) // align) * align
-    return [slice(min(c * per, numel), min((c + 1) * per, numel)) for c in range(n)]
+    """Chunk c of the ring: its segments end to end."""
+    return [slice(segs[0].start, segs[-1].stop) for segs in ring_partition(numel, n, align, 1 << 62)]
 
 
 CARRY_BYTES = 16 << 10  # kCarryBytes, csrc/comm/transport.h

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
+import signal
 import sys
 import time
 
@@ -70,33 +72,58 @@ def make_model(hidden: int, layers: int, seed: int) -> nn.Module:
     return nn.Sequential(*body, nn.Linear(dims[-1], 10))
 
 
+def _checked(kind: str, ok, convert):
+    """An argparse ``type`` that converts and checks a value; argparse turns the error into a usage error
+    naming the option."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text}")
+        return value
+
+    parse.__name__ = kind  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _checked("a positive int", lambda v: v >= 1, int)
+non_negative_int = _checked("a non-negative int", lambda v: v >= 0, int)
+positive_float = _checked("a finite positive number", lambda v: math.isfinite(v) and v > 0, float)
+fraction = _checked("in (0, 1]", lambda v: 0 < v <= 1, float)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hook", choices=sorted(HOOKS), default="int8")
     p.add_argument("--ddp", choices=["pyparallel", "torch"], default="pyparallel",
                    help="pyparallel.DataParallel or torch's DistributedDataParallel (same hooks)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=32, help="per rank")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2, help="hidden layers")
-    p.add_argument("--ratio", type=float, default=0.01, help="top-k: fraction of each bucket sent")
-    p.add_argument("--warmup-steps", type=int, default=0, help="top-k: dense steps first")
-    p.add_argument("--powersgd-rank", type=int, default=2, help="powersgd: matrix approximation rank r")
-    p.add_argument("--powersgd-start-iter", type=int, default=10,
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="per rank")
+    p.add_argument("--lr", type=positive_float, default=0.05)
+    p.add_argument("--hidden", type=positive_int, default=256)
+    p.add_argument("--layers", type=non_negative_int, default=2, help="hidden layers")
+    p.add_argument("--ratio", type=fraction, default=0.01, help="top-k: fraction of each bucket sent")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=0, help="top-k: dense steps first")
+    p.add_argument("--powersgd-rank", type=positive_int, default=2, help="powersgd: matrix approximation rank r")
+    p.add_argument("--powersgd-start-iter", type=non_negative_int, default=10,
                    help="powersgd: exact averaging for this many steps first (torch's start_powerSGD_iter)")
-    p.add_argument("--block-size", type=int, default=reducer.BLOCK_SIZE, help="int8: elements per quantization block")
+    p.add_argument("--block-size", type=positive_int, default=reducer.BLOCK_SIZE, help="int8: elements per quantization block")
     p.add_argument("--transport", choices=list(TRANSPORTS), default="auto",
                    help="auto: shared memory on one host, hierarchical across hosts (the hook's compression "
                         "applies across hosts only); ring: our ring over Gloo/NCCL everywhere")
-    p.add_argument("--bucket-cap-mb", type=float, default=reducer.BUCKET_CAP_MB)
+    p.add_argument("--bucket-cap-mb", type=positive_float, default=reducer.BUCKET_CAP_MB)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", metavar="PREFIX", help="save PREFIX.rank<r>.pt at the end of every epoch")
     p.add_argument("--resume", metavar="PREFIX", help="continue from PREFIX.rank<r>.pt")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (benchmarks)")
-    p.add_argument("--nproc", type=int, default=None, help="start this many local ranks (instead of torchrun)")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many steps in total (benchmarks)")
+    p.add_argument("--nproc", type=positive_int, default=None, help="start this many local ranks (instead of torchrun)")
+    p.add_argument("--timeout", type=positive_float, default=300, metavar="SECONDS",
+                   help="process group timeout: a rank that stops answering makes the others fail after this long")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per rank")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads per rank")
     p.add_argument("--json", metavar="PATH", help="rank 0 writes the summary and per-epoch curve here")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -106,7 +133,7 @@ def build(args, device: torch.device):
     """(model, wrapped model, hook state, optimizer) as configured by ``args``."""
     model = make_model(args.hidden, args.layers, args.seed).to(device)
     hook, make_state = HOOKS[args.hook]
-    state = make_state(args)
+    state = make_state(args).register_model(model)  # residuals keyed by parameter name, checkpoints portable
     if args.ddp == "torch":
         wrapped = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
         wrapped.register_comm_hook(state, hook)
@@ -120,6 +147,18 @@ def _ckpt_path(prefix: str, rank: int) -> str:
     return f"{prefix}.rank{rank}.pt"
 
 
+def check_run(args, world: int, resume_epoch: int | None = None) -> None:
+    """Raises ValueError for a configuration that cannot train (argparse has checked each value alone):
+    a batch larger than a rank's share of the data, or a checkpoint already at the last epoch."""
+    n_train = len(load_digits_split(args.seed)[0])
+    if args.batch_size * world > n_train:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {n_train // world} training samples of "
+                         f"each of the {world} ranks")
+    if resume_epoch is not None and resume_epoch >= args.epochs:
+        raise ValueError(f"--resume: the checkpoint is at epoch {resume_epoch} of {args.epochs}: nothing left to "
+                         "train (raise --epochs)")
+
+
 def run(args) -> dict:
     """Trains in an initialized process group; returns rank-local results (rank 0's are the summary)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -127,13 +166,14 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu")
     x_train, y_train, x_test, y_test = load_digits_split(args.seed)
+    ckpt = torch.load(_ckpt_path(args.resume, rank), weights_only=False) if args.resume else None
+    check_run(args, world, ckpt["epoch"] if ckpt else None)
     model, wrapped, state, optimizer = build(args, device)
     if (args.checkpoint or args.resume) and not hasattr(state, "state_dict"):
         raise ValueError(f"pyparallel.train: --hook {args.hook} keeps no checkpointable state; "
                          "--checkpoint/--resume need one of pyparallel's hooks")
     start_epoch, step = 0, 0
-    if args.resume:
-        ckpt = torch.load(_ckpt_path(args.resume, rank), weights_only=False)
+    if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state.load_state_dict(ckpt["hook"])
@@ -215,9 +255,25 @@ def summary(result: dict) -> str:
                if sent is not None else "  bytes sent / step  not counted by this hook's state"))
 
 
-def _worker(rank: int, world: int, init_file: str, args) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=5))
+def _die_with_launcher() -> None:
+    """Linux: this rank gets SIGKILL when the --nproc launcher dies (even by SIGKILL), so no rank trains on
+    alone."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker(rank: int, world: int, store_addr: tuple[str, int], args) -> None:
+    launcher = os.getppid()
+    _die_with_launcher()
+    if os.getppid() != launcher:  # the launcher died before the line above
+        os._exit(1)
+    timeout = datetime.timedelta(seconds=args.timeout)
+    store = dist.TCPStore(*store_addr, world_size=world, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     _main_in_group(args)
 
 
@@ -232,24 +288,37 @@ def _main_in_group(args) -> None:
 
 
 def main(argv=None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if args.threads is None:  # ranks share the machine's cores
         world = args.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         args.threads = max(1, (os.cpu_count() or 1) // world)
     if args.nproc:
-        import tempfile
-
+        # Checked here, before any rank starts (under torchrun every rank checks the same in run()).
+        resume_epoch = None
+        if args.resume:
+            path = _ckpt_path(args.resume, 0)
+            if not os.path.exists(path):
+                p.error(f"--resume: no checkpoint {path}")
+            resume_epoch = torch.load(path, weights_only=False)["epoch"]
+        try:
+            check_run(args, args.nproc, resume_epoch)
+        except ValueError as exc:
+            p.error(str(exc))
         import torch.multiprocessing as mp
 
-        with tempfile.TemporaryDirectory() as tmp:
-            mp.spawn(_worker, args=(args.nproc, os.path.join(tmp, "store"), args), nprocs=args.nproc)
+        # The ranks meet at a TCPStore this process serves on a port the kernel picks: no file or directory
+        # to leave behind if the launcher is killed, and no port race.
+        store = dist.TCPStore("127.0.0.1", 0, world_size=args.nproc, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=args.timeout))
+        mp.spawn(_worker, args=(args.nproc, ("127.0.0.1", store.port), args), nprocs=args.nproc)
         return
     if "RANK" not in os.environ:
         raise SystemExit("pyparallel.train: launch with torchrun, or pass --nproc N to start N local ranks")
     backend = "nccl" if args.device == "cuda" else "gloo"
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=5))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
     _main_in_group(args)
 
 

@@ -244,28 +244,39 @@ def test_custom_hook_gets_a_gradbucket_like_object(dist_pool):
 
 def test_state_pickles_without_process_group_and_round_trips():
     state = hooks.TopkState(process_group=object(), ratio=0.1, warmup_steps=3)
-    state.residuals[0] = torch.randn(10)
+    state.register_model(nn.Linear(5, 2))
+    state.residuals["weight"] = torch.randn(10)
     state.bytes_sent, state.iteration = 123, 4
     clone = pickle.loads(pickle.dumps(state))
     assert clone.process_group is None and clone.ratio == 0.1 and clone.iteration == 4
-    assert torch.equal(clone.residuals[0], state.residuals[0])
+    assert not clone.model_registered, "the model does not travel with the state"
+    assert torch.equal(clone.residuals["weight"], state.residuals["weight"])
     fresh = hooks.TopkState()
     fresh.load_state_dict(state.state_dict())
-    assert fresh.bytes_sent == 123 and fresh.iteration == 4 and torch.equal(fresh.residuals[0], state.residuals[0])
+    assert fresh.bytes_sent == 123 and fresh.iteration == 4
+    assert torch.equal(fresh.residuals["weight"], state.residuals["weight"])
     with pytest.raises(ValueError, match="ratio must be in"):
         hooks.TopkState(ratio=0)
     with pytest.raises(ValueError, match="block_size must be positive"):
         hooks.Int8State(block_size=0)
 
 
-def test_topk_residual_reinitialised_when_bucket_shape_changes():
-    state = hooks.TopkState()
-    a = pyparallel.grad_bucket.Bucket(0, torch.zeros(10), [torch.zeros(10)], True)
-    r = state.residual_for(a)
-    r += 1
-    assert state.residual_for(a) is r
-    b = pyparallel.grad_bucket.Bucket(0, torch.zeros(12), [torch.zeros(12)], True)
-    assert state.residual_for(b).shape == (12,) and not bool(state.residual_for(b).any())
+def test_topk_residual_follows_its_parameter_when_buckets_change():
+    a, b = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(12))
+    model = nn.ParameterList([a, b])
+    state = hooks.TopkState().register_model(model)
+    first = state.residual_for(pyparallel.grad_bucket.Bucket(0, torch.zeros(10), [a], True))
+    first += torch.arange(10.0)
+    assert state.residual_for(pyparallel.grad_bucket.Bucket(0, torch.zeros(10), [a], True)) is first
+    # Rebuilt buckets: a and b together, in an order that is not canonical (b comes first: reverse
+    # registration order), and a new bucket index. a's residual moves with it; b's starts at zero.
+    both = pyparallel.grad_bucket.Bucket(3, torch.zeros(22), [a, b], True)
+    assert state.layout(both).names == ("1", "0") and not state.layout(both).identity
+    flat = state.residual_for(both)
+    assert torch.equal(flat[12:], torch.arange(10.0)) and not bool(flat[:12].any())
+    assert torch.equal(state.residual_of(a), torch.arange(10.0)) and state.residual_of(a).data_ptr() == flat[12:].data_ptr()
+    with pytest.raises(ValueError, match="not in the model given to register_model"):
+        state.residual_for(pyparallel.grad_bucket.Bucket(0, torch.zeros(3), [torch.zeros(3)], True))
 
 
 def test_compressed_training_accuracy_close_to_fp32(dist_pool):

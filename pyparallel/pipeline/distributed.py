@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..consistency import check_same
 from .grad_sync import CommHook, GradSync
 from .grid import ProcessGrid
 from .handshake import StepHandshake
@@ -68,16 +69,24 @@ class DistributedPipeline:
                  hook_state: Any = None, grid: ProcessGrid | None = None):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call dist.init_process_group first")
-        # Every check that needs no communication comes first, so a bad configuration raises on every rank.
-        self.n_microbatches = check_n_microbatches(n_microbatches)
-        self.schedule = check_schedule(schedule)
-        if n_stages is None and balance is not None:
-            n_stages = len(balance)
-        if n_stages is None:
-            n_stages = grid.n_stages if grid is not None else dist.get_world_size()
-        stages = split_stages(layers, balance, n_stages)
-        if grid is not None and grid.n_stages != n_stages:
-            raise ValueError(f"grid has {grid.n_stages} stages but the model is split into {n_stages}")
+        # Every check that needs no communication comes first; then the ranks compare their partitions (a
+        # rank that splits differently would run a layer twice or skip one), so a bad or inconsistent
+        # configuration raises on every rank before any group is created.
+        try:
+            self.n_microbatches = check_n_microbatches(n_microbatches)
+            self.schedule = check_schedule(schedule)
+            if n_stages is None and balance is not None:
+                n_stages = len(balance)
+            if n_stages is None:
+                n_stages = grid.n_stages if grid is not None else dist.get_world_size()
+            stages = split_stages(layers, balance, n_stages)
+            if grid is not None and grid.n_stages != n_stages:
+                raise ValueError(f"grid has {grid.n_stages} stages but the model is split into {n_stages}")
+            config = (f"balance {[len(s) for s in stages]}, n_microbatches {self.n_microbatches}, "
+                      f"schedule {self.schedule!r}")
+        except (TypeError, ValueError) as exc:
+            config = exc
+        check_same(config, None, "DistributedPipeline: every rank must split the model the same way")
         self.grid = grid if grid is not None else ProcessGrid(n_stages)
         self._actions = stage_actions(schedule, n_stages, self.grid.stage, self.n_microbatches)
         if device is None:
