@@ -281,6 +281,8 @@ class PeriodicSync:
                 vs[:] = [v.view(params[0][i].shape) for v, i in zip(vs, flat)]
         self.outer = [outer_factory([v for vs in views for v in vs]) if outer_factory else None for views in self.views]
         self.pending: list = [None] * fragments
+        # overlap: per fragment, flat and rank, the rank's model when its current round started
+        self.starts = [[[a.clone() for _ in params] for a in anchors] for anchors in self.anchors]
 
     def step(self) -> None:
         self.step_count += 1
@@ -294,14 +296,29 @@ class PeriodicSync:
         self.since[f] = 0
         results = []
         for j, flat in enumerate(self.layout[f]):
-            thetas = [torch.cat([ps[i].detach().reshape(-1) for i in flat]) for ps in self.params]
-            inputs = [self.anchors[f][j] - t for t in thetas] if self.deltas else thetas
+            thetas = [self.flat(r, flat) for r in range(len(self.params))]
+            if not self.deltas:
+                inputs = thetas
+            elif self.overlap:
+                inputs = [start - t for start, t in zip(self.starts[f][j], thetas)]
+            else:
+                inputs = [self.anchors[f][j] - t for t in thetas]
             results.append(self.reduce((f, j), inputs))
-        if self.overlap:
-            results, self.pending[f] = self.pending[f], results
-        if results is not None:
+        if not self.overlap:
             self.apply(f, results)
-        self.reset(f)
+            self.reset(f)
+            return
+        previous, self.pending[f] = self.pending[f], results
+        if previous is not None:
+            self.apply(f, previous)
+        for j, flat in enumerate(self.layout[f]):
+            for r in range(len(self.params)):
+                theta = self.flat(r, flat)
+                if previous is None:  # nothing has arrived yet: the rank goes on from where it is
+                    self.starts[f][j][r] = theta
+                else:  # the new anchor plus the progress of the round just launched
+                    self.starts[f][j][r] = (theta - self.starts[f][j][r]) + self.anchors[f][j]
+                    self.unflat(r, flat, self.starts[f][j][r])
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -312,6 +329,14 @@ class PeriodicSync:
                 self.apply(f, self.pending[f])
                 self.pending[f] = None
                 self.reset(f)
+                self.starts[f] = [[a.clone() for _ in self.params] for a in self.anchors[f]]
+
+    def flat(self, r: int, flat: list[int]) -> torch.Tensor:
+        return torch.cat([self.params[r][i].detach().reshape(-1) for i in flat])
+
+    def unflat(self, r: int, flat: list[int], value: torch.Tensor) -> None:
+        for i, piece in zip(flat, value.split([self.params[r][i].numel() for i in flat])):
+            self.params[r][i].detach().copy_(piece.view(self.params[r][i].shape))
 
     def apply(self, f: int, results: list[torch.Tensor]) -> None:
         if not self.deltas:
@@ -328,7 +353,6 @@ class PeriodicSync:
             self.outer[f].step()
 
     def reset(self, f: int) -> None:
-        for ps in self.params:
-            for views, flat in zip(self.views[f], self.layout[f]):
-                for v, i in zip(views, flat):
-                    ps[i].detach().copy_(v)
+        for r in range(len(self.params)):
+            for anchor, flat in zip(self.anchors[f], self.layout[f]):
+                self.unflat(r, flat, anchor)

@@ -160,8 +160,11 @@ def _against_reference(seed, configs, nhosts=None, steps=9):
                     assert torch.equal(p, q), (cfg, step, (p.float() - q.float()).abs().max().item())
                 synced = [f for f, offset in enumerate(sim.offsets) if (step + 1) % cfg["H"] == offset]
                 assert opt.rounds == before + len(synced)
-                for f in synced:  # the synchronised fragment's parameters, right after its sync
-                    digests.append(_digest([_trainable(model)[i] for flat in sim.layout[f] for i in flat]))
+                # right after its sync, the fragment's parameters (with overlap: its anchor, since the model
+                # carries the rank's own round in flight on top of it)
+                synced_params = opt.global_parameters() if cfg.get("overlap") else _trainable(model)
+                for f in synced:
+                    digests.append(_digest([synced_params[i] for flat in sim.layout[f] for i in flat]))
             opt.finish()
             sim.finish()
             for p, q, a in zip(_trainable(model), _trainable(models[rank]), opt.global_parameters()):
@@ -252,7 +255,7 @@ def _resume(seed, cfg, stop_at, steps=11):
     state = opt.state_dict()
     assert state["step"] == straight_state["step"] and state["rounds"] == straight_state["rounds"]
     for a, b in zip(state["fragments"], straight_state["fragments"]):
-        for key in ("anchor", "residual", "pending"):
+        for key in ("anchor", "start", "residual", "pending"):
             assert (a[key] is None) == (b[key] is None), key
             assert a[key] is None or all(torch.equal(x, y) for x, y in zip(a[key], b[key])), key
     opt.finish()
