@@ -336,6 +336,17 @@ def _step_on_one_rank(transport, overlap):
     return time.monotonic() - t0, None
 
 
+def _train(overrides):
+    from pyparallel.train import parser, run
+
+    args = parser().parse_args(["--transport", "ring", "--no-progress", "--threads", "1"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    result = run(args)
+    result.pop("curve")
+    return result
+
+
 # ---- tests ----
 
 REFERENCE_CONFIGS = [
@@ -440,3 +451,49 @@ def test_step_on_one_rank_raises_within_the_timeout(dist_pool, transport, overla
     elapsed, message = value
     assert message is not None and "Every rank of the group must call step() the same number of times" in message, message
     assert elapsed < 3 + 10, f"raised after {elapsed:.1f} s, group timeout 3 s: {message}"
+
+
+def test_train_digits_localsgd_and_diloco(dist_pool):
+    pool = dist_pool(2)
+    common = dict(epochs=8, hidden=64, sync_every=8, outer_momentum=0.5)  # 0.9 overshoots with inner momentum SGD here
+    ddp = pool.run(_train, dict(common, algo="ddp", hook="allreduce"), timeout=300)[0]
+    for algo, extra in (("localsgd", {}), ("diloco", dict(compression="int8", overlap=True)),
+                        ("diloco", dict(compression="topk", ratio=0.1, fragments=2))):
+        results = pool.run(_train, dict(common, algo=algo, **extra), timeout=300)
+        # finish() leaves one model on every rank
+        assert all(torch.equal(p, q) for p, q in zip(results[0]["final_parameters"], results[1]["final_parameters"]))
+        assert results[0]["test_accuracy"] > ddp["test_accuracy"] - 0.1, (algo, extra, results[0]["test_accuracy"], ddp)
+        assert results[0]["bytes_sent_per_step"] < 0.3 * ddp["bytes_sent_per_step"], (algo, extra)
+
+
+@pytest.mark.parametrize("algo,extra", [("localsgd", dict(compression="topk", ratio=0.1)),
+                                        ("diloco", dict(compression="int8", overlap=True, fragments=2))])
+def test_train_resume_is_bitwise(dist_pool, tmp_path, algo, extra):
+    pool = dist_pool(2)
+    prefix = str(tmp_path / "ckpt")
+    common = dict(hidden=32, algo=algo, sync_every=6, seed=5, **extra)  # 22 steps per epoch: mid-round
+    straight = pool.run(_train, dict(common, epochs=3), timeout=300)
+    pool.run(_train, dict(common, epochs=1, checkpoint=prefix), timeout=300)
+    resumed = pool.run(_train, dict(common, epochs=3, resume=prefix), timeout=300)
+    for a, b in zip(straight, resumed):
+        assert a["steps"] == b["steps"]
+        assert all(torch.equal(p, q) for p, q in zip(a["final_parameters"], b["final_parameters"]))
+
+
+def test_train_charlm_learns(dist_pool):
+    tiny = dict(task="charlm", context=16, d_model=32, n_layers=1, n_heads=2, steps_per_epoch=15, epochs=2,
+                batch_size=8, val_windows=32, lr=1e-2)
+    for algo in ("ddp", "diloco"):
+        results = dist_pool(2).run(_train, dict(tiny, algo=algo, hook="allreduce", sync_every=5), timeout=300)
+        # from ln(256) = 5.55 nats (uniform over bytes) to below 4: it learns the bytes of Python source
+        assert results[0]["val_loss"] < 4.0, (algo, results[0]["val_loss"])
+        assert results[0]["val_loss"] == results[1]["val_loss"]
+
+
+def test_stdlib_corpus_split():
+    from pyparallel import tasks
+
+    train, val, files = tasks.stdlib_corpus()
+    assert files == sorted(files) and len(files) >= 10
+    assert train.dtype == torch.int64 and 0 < val.numel() < train.numel()
+    assert int(train.max()) < 256 and int(val.min()) >= 0
