@@ -36,6 +36,7 @@ def step_times(args, wrapper: str, hook: str) -> dict:
     cfg = train.parser().parse_args(["--hook", hook if hook != "builtin" else "allreduce", "--ddp", wrapper,
                                      "--hidden", str(args.hidden), "--layers", str(args.layers),
                                      "--ratio", str(args.ratio)])
+    train.resolve_defaults(cfg)  # the task's learning rate, batch size and epochs
     if hook == "builtin":  # torch DDP with its own all-reduce: no hook at all
         model = train.make_model(args.hidden, args.layers, cfg.seed)
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
