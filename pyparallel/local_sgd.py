@@ -116,11 +116,11 @@ class _Fragment:
         self.since = 0  # inner steps since this fragment last synchronised
 
 
-def _split(params: list[torch.Tensor], fragments: int) -> list[list[int]]:
+def _split(params: list[torch.Tensor], fragments: int, who: str) -> list[list[int]]:
     """Contiguous runs of parameter indices, about equal in elements: a parameter joins the current
     fragment while its midpoint lies within the fragment's share; every fragment gets at least one."""
     if fragments > len(params):
-        raise ValueError(f"fragments={fragments} exceeds the number of trainable parameters ({len(params)})")
+        raise ValueError(f"{who}: fragments={fragments} exceeds the number of trainable parameters ({len(params)})")
     sizes = [p.numel() for p in params]
     total = sum(sizes)
     out, start, seen = [], 0, 0
@@ -221,7 +221,7 @@ class _PeriodicSync(torch.optim.Optimizer):
         step = sync_every // fragments
         self._fragments = []
         with torch.no_grad():
-            for f, indices in enumerate(_split(params, fragments)):
+            for f, indices in enumerate(_split(params, fragments, who)):
                 flats = [_Flat(kind, params, self.overlap, topk) for kind in _by_kind(params, indices)]
                 frag = _Fragment(f, (f + 1) * step % sync_every, flats)
                 if self._outer_factory is not None:

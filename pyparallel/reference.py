@@ -258,8 +258,9 @@ class PeriodicSync:
 
     ``reduce(key, inputs) -> average`` gets every rank's flat tensor (key: (fragment, flat), for per-rank
     residuals) and returns what every rank receives; the default is the exact mean in rank order.
-    ``deltas``: LocalSGD reduces anchor - theta instead of theta (the implementation does so with
-    compression or overlap). Call :meth:`step` after every rank's inner step.
+    ``deltas``: LocalSGD reduces the round's progress (anchor - theta; start - theta with ``overlap``)
+    instead of theta (the implementation does so with compression or overlap). Call :meth:`step` after
+    every rank's inner step and :meth:`finish` where the implementation's finish() is called.
     """
 
     def __init__(self, params: list[list[torch.Tensor]], sync_every: int, outer_factory=None, reduce=None,
