@@ -415,6 +415,7 @@ class _PeriodicSync(torch.optim.Optimizer):
         most that all-reduce's remaining time; it is not applied, so the resumed run goes on exactly as
         this one does. Per rank: the residuals are."""
         fragments = []
+        topk = isinstance(self.compression, comm.Topk)
         for frag in self._fragments:
             pending = None
             if frag.pending is not None:
@@ -424,7 +425,7 @@ class _PeriodicSync(torch.optim.Optimizer):
             fragments.append({
                 "anchor": [flat.anchor.clone() for flat in frag.flats],
                 "start": [flat.start.clone() for flat in frag.flats] if self.overlap else None,
-                "residual": [flat.residual.clone() for flat in frag.flats] if frag.flats[0].residual is not None else None,
+                "residual": [flat.residual.clone() for flat in frag.flats] if topk else None,
                 "pending": pending,
                 "since": frag.since,
                 "outer": frag.outer.state_dict() if frag.outer is not None else None,
@@ -441,11 +442,12 @@ class _PeriodicSync(torch.optim.Optimizer):
             raise ValueError(f"{who}.load_state_dict: the checkpoint was made by {state.get('algorithm')} with "
                              f"{state['config']}, this is {who} with {self._config()}")
         for frag, saved in zip(self._fragments, state["fragments"]):
-            keys = ("anchor",) + (("start",) if self.overlap else ()) + (("residual",) if frag.flats[0].residual is not None else ())
-            for key in keys:
+            topk = isinstance(self.compression, comm.Topk)
+            for key in ("anchor",) + (("start",) if self.overlap else ()) + (("residual",) if topk else ()):
                 self._check_like(saved[key], [flat.anchor for flat in frag.flats], f"{who}.load_state_dict: {key}")
             if saved["pending"] is not None:
-                self._check_like(saved["pending"], [flat.anchor for flat in frag.flats], f"{who}.load_state_dict: pending")
+                self._check_like(saved["pending"], [flat.anchor for flat in frag.flats],
+                                 f"{who}.load_state_dict: pending")
         self.optim.load_state_dict(state["inner"])
         with torch.no_grad():
             for frag, saved in zip(self._fragments, state["fragments"]):

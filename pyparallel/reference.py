@@ -237,8 +237,8 @@ def fragment_layout(params: list[torch.Tensor], fragments: int) -> list[list[lis
     sizes = [p.numel() for p in params]
     cuts, start = [], 0
     for f in range(fragments - 1):
-        end = start + 1
-        while end < len(params) - (fragments - 1 - f) and sum(sizes[:end]) + sizes[end] / 2 <= sum(sizes) * (f + 1) / fragments:
+        end, share = start + 1, sum(sizes) * (f + 1) / fragments
+        while end < len(params) - (fragments - 1 - f) and sum(sizes[:end]) + sizes[end] / 2 <= share:
             end += 1
         cuts.append(range(start, end))
         start = end

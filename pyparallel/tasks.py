@@ -170,7 +170,8 @@ class CharLM:
         for s in range(a.steps_per_epoch):
             step = epoch * a.steps_per_epoch + s
             g = torch.Generator().manual_seed((a.seed * 1_000_003 + step) * 1009 + rank)
-            yield self._windows(self.train, torch.randint(0, len(self.train) - a.context - 1, (a.batch_size,), generator=g))
+            offsets = torch.randint(0, len(self.train) - a.context - 1, (a.batch_size,), generator=g)
+            yield self._windows(self.train, offsets)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device, group=None) -> dict:

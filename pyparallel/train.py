@@ -114,7 +114,8 @@ def build(args, device: torch.device, task=None):
     task = task or tasks.get(args.task)(args)
     model = task.model().to(device)
     if args.algo != "ddp":
-        compression = {"none": None, "int8": Int8(block_size=args.block_size), "topk": Topk(ratio=args.ratio)}[args.compression]
+        compression = {"none": None, "int8": Int8(block_size=args.block_size),
+                       "topk": Topk(ratio=args.ratio)}[args.compression]
         common = dict(compression=compression, transport=args.transport, overlap=args.overlap, fragments=args.fragments)
         inner = task.optimizer(model.parameters())
         if args.algo == "localsgd":
@@ -248,13 +249,14 @@ def summary(result: dict) -> str:
     fp32 = 2 * (result["world_size"] - 1) / result["world_size"] * 4 * result["parameters"]
     sent = result["bytes_sent_per_step"] or 0.0
     share = f" ({100 * sent / fp32:.1f}% of an fp32 ring all-reduce)" if fp32 else ""
-    quality = (f"  test accuracy      {100 * result['test_accuracy']:.2f}% (loss {result['val_loss']:.4f})"
-               if result["task"] == "digits" else
-               f"  validation loss    {result['val_loss']:.4f} (next-byte accuracy {100 * result['test_accuracy']:.1f}%)")
+    loss, accuracy = result["val_loss"], 100 * result["test_accuracy"]
+    quality = (f"  test accuracy      {accuracy:.2f}% (loss {loss:.4f})" if result["task"] == "digits" else
+               f"  validation loss    {loss:.4f} (next-byte accuracy {accuracy:.1f}%)")
     return (f"pyparallel.train: {result['task']}, {describe(result)}, {result['world_size']} ranks, "
             f"{result['parameters']:,} parameters, {result['steps']} steps\n"
             f"{quality}\n"
-            f"  throughput         {result['samples_per_s']:.0f} samples/s ({1e3 * result['seconds_per_step']:.1f} ms/step)\n"
+            f"  throughput         {result['samples_per_s']:.0f} samples/s "
+            f"({1e3 * result['seconds_per_step']:.1f} ms/step)\n"
             f"  bytes sent / step  {sent:,.0f} per rank{share}")
 
 

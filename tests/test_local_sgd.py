@@ -142,7 +142,8 @@ def _against_reference(seed, configs, nhosts=None, steps=9):
             path = pyparallel.resolve_transport(torch.ones(1), group, cfg.get("transport", "ring"))
             models = [_Net(seed, cfg.get("mixed", True)) for _ in range(n)]
             inners = [_inner(cfg.get("inner", "sgd"))(m.parameters()) for m in models]
-            outer = cfg.get("outer") or (pyparallel.local_sgd.default_outer_optimizer if cfg["algo"] == "diloco" else None)
+            outer = cfg.get("outer") or pyparallel.local_sgd.default_outer_optimizer
+            outer = None if cfg["algo"] == "localsgd" else outer
             sim = ref.PeriodicSync([_trainable(m) for m in models], cfg["H"], outer,
                                    _reference_reduce(path, opt.compression, n, ctx.hosts if ctx else None),
                                    deltas=cfg.get("compression") is not None, overlap=cfg.get("overlap", False),
@@ -413,7 +414,7 @@ RESUME_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("cfg", RESUME_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_checkpoint_resume_is_bitwise(dist_pool, world_size, cfg):
     pool = dist_pool(world_size)
@@ -449,7 +450,8 @@ def test_step_on_one_rank_raises_within_the_timeout(dist_pool, transport, overla
     status, value = outcomes[0]
     assert status == "ok", value
     elapsed, message = value
-    assert message is not None and "Every rank of the group must call step() the same number of times" in message, message
+    assert message is not None and "Every rank of the group must call step() the same number of times" in message, \
+        message
     assert elapsed < 3 + 10, f"raised after {elapsed:.1f} s, group timeout 3 s: {message}"
 
 
