@@ -42,6 +42,7 @@ def step_times(args, wrapper: str, hook: str) -> dict:
                                      "--hidden", str(args.hidden), "--layers", str(args.layers),
                                      "--ratio", str(args.ratio), "--powersgd-rank", str(args.powersgd_ranks[0]),
                                      "--powersgd-start-iter", "0"])
+    train.resolve_defaults(cfg)  # the task's learning rate, batch size and epochs
     if hook == "builtin":  # torch DDP with its own all-reduce: no hook at all
         model = train.make_model(args.hidden, args.layers, cfg.seed)
         wrapped = torch.nn.parallel.DistributedDataParallel(model)

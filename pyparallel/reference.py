@@ -372,3 +372,134 @@ class PowerSGD:
     @staticmethod
     def _split(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
         return [piece.view(s) for piece, s in zip(flat.split([s.numel() for s in shapes]), shapes)]
+# LocalSGD / DiLoCo (Note [Periodic synchronisation], pyparallel/local_sgd.py), every rank simulated in one
+# process. The anchor is one copy (every rank computes the same bits); the reduction is a function of all
+# ranks' flat inputs, so a test can plug in the reference of the transport and compression it runs.
+
+
+def fragment_layout(params: list[torch.Tensor], fragments: int) -> list[list[list[int]]]:
+    """fragment -> flats -> parameter indices: contiguous fragments (a parameter joins while its midpoint is
+    within the fragment's share of the elements, at least one each), then grouped by (dtype, device)."""
+    sizes = [p.numel() for p in params]
+    cuts, start = [], 0
+    for f in range(fragments - 1):
+        end, share = start + 1, sum(sizes) * (f + 1) / fragments
+        while end < len(params) - (fragments - 1 - f) and sum(sizes[:end]) + sizes[end] / 2 <= share:
+            end += 1
+        cuts.append(range(start, end))
+        start = end
+    cuts.append(range(start, len(params)))
+    layout = []
+    for cut in cuts:
+        kinds: dict = {}
+        for i in cut:
+            kinds.setdefault((params[i].dtype, params[i].device), []).append(i)
+        layout.append(list(kinds.values()))
+    return layout
+
+
+class PeriodicSync:
+    """LocalSGD (``outer_factory=None``) or DiLoCo over ``params[r]`` (rank r's trainable parameters, which
+    the caller's inner optimizers update in place; a synchronisation overwrites them).
+
+    ``reduce(key, inputs) -> average`` gets every rank's flat tensor (key: (fragment, flat), for per-rank
+    residuals) and returns what every rank receives; the default is the exact mean in rank order.
+    ``deltas``: LocalSGD reduces the round's progress (anchor - theta; start - theta with ``overlap``)
+    instead of theta (the implementation does so with compression or overlap). Call :meth:`step` after
+    every rank's inner step and :meth:`finish` where the implementation's finish() is called.
+    """
+
+    def __init__(self, params: list[list[torch.Tensor]], sync_every: int, outer_factory=None, reduce=None,
+                 deltas: bool = False, overlap: bool = False, fragments: int = 1):
+        self.params, self.sync_every, self.overlap = params, sync_every, overlap
+        self.reduce = reduce or (lambda key, xs: shm_all_reduce(xs, average=True))
+        self.deltas = deltas or overlap or outer_factory is not None
+        self.layout = fragment_layout(params[0], fragments)
+        self.offsets = [(f + 1) * (sync_every // fragments) % sync_every for f in range(fragments)]
+        self.step_count = 0
+        self.since = [0] * fragments
+        with torch.no_grad():
+            self.anchors = [[torch.cat([params[0][i].detach().reshape(-1) for i in flat]) for flat in frag]
+                            for frag in self.layout]
+        self.views = [[list(a.split([params[0][i].numel() for i in flat])) for a, flat in zip(anchors, frag)]
+                      for anchors, frag in zip(self.anchors, self.layout)]
+        for views, frag in zip(self.views, self.layout):
+            for vs, flat in zip(views, frag):
+                vs[:] = [v.view(params[0][i].shape) for v, i in zip(vs, flat)]
+        self.outer = [outer_factory([v for vs in views for v in vs]) if outer_factory else None for views in self.views]
+        self.pending: list = [None] * fragments
+        # overlap: per fragment, flat and rank, the rank's model when its current round started
+        self.starts = [[[a.clone() for _ in params] for a in anchors] for anchors in self.anchors]
+
+    def step(self) -> None:
+        self.step_count += 1
+        self.since = [s + 1 for s in self.since]
+        for f, offset in enumerate(self.offsets):
+            if self.step_count % self.sync_every == offset:
+                self.sync(f)
+
+    @torch.no_grad()
+    def sync(self, f: int) -> None:
+        self.since[f] = 0
+        results = []
+        for j, flat in enumerate(self.layout[f]):
+            thetas = [self.flat(r, flat) for r in range(len(self.params))]
+            if not self.deltas:
+                inputs = thetas
+            elif self.overlap:
+                inputs = [start - t for start, t in zip(self.starts[f][j], thetas)]
+            else:
+                inputs = [self.anchors[f][j] - t for t in thetas]
+            results.append(self.reduce((f, j), inputs))
+        if not self.overlap:
+            self.apply(f, results)
+            self.reset(f)
+            return
+        previous, self.pending[f] = self.pending[f], results
+        if previous is not None:
+            self.apply(f, previous)
+        for j, flat in enumerate(self.layout[f]):
+            for r in range(len(self.params)):
+                theta = self.flat(r, flat)
+                if previous is None:  # nothing has arrived yet: the rank goes on from where it is
+                    self.starts[f][j][r] = theta
+                else:  # the new anchor plus the progress of the round just launched
+                    self.starts[f][j][r] = (theta - self.starts[f][j][r]) + self.anchors[f][j]
+                    self.unflat(r, flat, self.starts[f][j][r])
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        for f in range(len(self.layout)):
+            if self.since[f]:
+                self.sync(f)
+            if self.pending[f] is not None:
+                self.apply(f, self.pending[f])
+                self.pending[f] = None
+                self.reset(f)
+                self.starts[f] = [[a.clone() for _ in self.params] for a in self.anchors[f]]
+
+    def flat(self, r: int, flat: list[int]) -> torch.Tensor:
+        return torch.cat([self.params[r][i].detach().reshape(-1) for i in flat])
+
+    def unflat(self, r: int, flat: list[int], value: torch.Tensor) -> None:
+        for i, piece in zip(flat, value.split([self.params[r][i].numel() for i in flat])):
+            self.params[r][i].detach().copy_(piece.view(self.params[r][i].shape))
+
+    def apply(self, f: int, results: list[torch.Tensor]) -> None:
+        if not self.deltas:
+            for anchor, avg in zip(self.anchors[f], results):
+                anchor.copy_(avg)
+        elif self.outer[f] is None:
+            for anchor, avg in zip(self.anchors[f], results):
+                anchor.sub_(avg)
+        else:
+            for views, avg, flat in zip(self.views[f], results, self.layout[f]):
+                grads = avg.split([self.params[0][i].numel() for i in flat])
+                for v, g in zip(views, grads):
+                    v.grad = g.view(v.shape)
+            self.outer[f].step()
+
+    def reset(self, f: int) -> None:
+        for r in range(len(self.params)):
+            for anchor, flat in zip(self.anchors[f], self.layout[f]):
+                self.unflat(r, flat, anchor)

@@ -1,18 +1,26 @@
-"""Data-parallel training of a small classifier with a chosen communication hook.
+"""Data-parallel training with a chosen algorithm and communication: synchronous data parallel with a
+communication hook (``--algo ddp``), or LocalSGD / DiLoCo (``--algo localsgd | diloco``).
 
-The data set is scikit-learn's bundled handwritten digits (1797 8x8 images, shipped inside the package:
-nothing is downloaded). Launch with torchrun, or let the script start its own ranks on this machine:
+Tasks (pyparallel/tasks.py, data shipped inside installed packages, nothing downloaded): ``digits``
+(scikit-learn's handwritten digits, an MLP) and ``charlm`` (a byte-level transformer, about 2.5M parameters,
+on the Python standard library's own source files). Launch with torchrun, or let the script start its own
+ranks on this machine:
 
     torchrun --nproc_per_node 2 -m pyparallel.train --hook int8 --epochs 20
     python -m pyparallel.train --nproc 2 --hook topk --ratio 0.01 --ddp torch
     python -m pyparallel.train --nproc 2 --checkpoint ckpt --epochs 10      # then --resume ckpt --epochs 20
+    python -m pyparallel.train --nproc 2 --task charlm --algo diloco --sync-every 50 --compression int8 --overlap
+    python -m pyparallel.train --nproc 2 --task charlm --algo localsgd --sync-every 10 --transport ring
 
-Rank 0 shows a progress bar and ends with a summary: test accuracy, samples/s, bytes sent per step.
+Rank 0 shows a progress bar and ends with a summary: held-out loss and accuracy, samples/s, bytes sent per
+step. LocalSGD / DiLoCo evaluate the consensus model (the last synchronised anchor) after every epoch and,
+at the end, synchronise what is left (``finish()``) before the final evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -26,9 +34,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
-from . import hooks, reducer
+from . import hooks, reducer, tasks
+from .comm import Int8, Topk
 from .data_parallel import DataParallel
+from .local_sgd import DiLoCo, LocalSGD, outer_sgd
+from .tasks import load_digits_split, make_model  # noqa: F401  (re-exported: tests and benchmarks use them)
 from .transport import TRANSPORTS
+
+ALGOS = ("ddp", "localsgd", "diloco")
 
 HOOKS = {
     "allreduce": (hooks.allreduce_hook, lambda a: hooks.HookState(transport=a.transport)),
@@ -48,28 +61,6 @@ HOOKS = {
                                                              start_powerSGD_iter=a.powersgd_start_iter,
                                                              random_seed=a.seed)),
 }
-
-
-def load_digits_split(seed: int = 0, test_fraction: float = 0.2):
-    """(x_train, y_train, x_test, y_test): features scaled to [0, 1], a fixed shuffled split."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.int64)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_test = int(len(x) * test_fraction)
-    test, train = perm[:n_test], perm[n_test:]
-    return x[train], y[train], x[test], y[test]
-
-
-def make_model(hidden: int, layers: int, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    dims = [64] + [hidden] * layers
-    body = []
-    for a, b in zip(dims[:-1], dims[1:]):
-        body += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*body, nn.Linear(dims[-1], 10))
 
 
 def _checked(kind: str, ok, convert):
@@ -96,16 +87,35 @@ fraction = _checked("in (0, 1]", lambda v: 0 < v <= 1, float)
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hook", choices=sorted(HOOKS), default="int8")
+    p.add_argument("--task", choices=tasks.TASKS, default="digits")
+    p.add_argument("--algo", choices=ALGOS, default="ddp",
+                   help="ddp: gradients averaged every step through --hook; localsgd / diloco: H local steps, then "
+                        "parameter averaging / an outer optimizer on the averaged pseudo-gradient")
+    p.add_argument("--hook", choices=sorted(HOOKS), default="int8", help="ddp: the communication hook")
     p.add_argument("--ddp", choices=["pyparallel", "torch"], default="pyparallel",
                    help="pyparallel.DataParallel or torch's DistributedDataParallel (same hooks)")
-    p.add_argument("--epochs", type=positive_int, default=20)
-    p.add_argument("--batch-size", type=positive_int, default=32, help="per rank")
-    p.add_argument("--lr", type=positive_float, default=0.05)
-    p.add_argument("--hidden", type=positive_int, default=256)
-    p.add_argument("--layers", type=non_negative_int, default=2, help="hidden layers")
+    p.add_argument("--epochs", type=positive_int, default=None, help="default: digits 20, charlm 4")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="per rank; default: digits 32, charlm 16")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="inner learning rate; default: digits 0.05 (SGD, momentum 0.9), charlm 1e-3 (AdamW)")
+    p.add_argument("--hidden", type=positive_int, default=256, help="digits: hidden units")
+    p.add_argument("--layers", type=non_negative_int, default=2, help="digits: hidden layers")
+    p.add_argument("--context", type=positive_int, default=64, help="charlm: bytes per window")
+    p.add_argument("--d-model", type=positive_int, default=256, help="charlm: width")
+    p.add_argument("--n-layers", type=positive_int, default=3, help="charlm: transformer blocks")
+    p.add_argument("--n-heads", type=positive_int, default=4, help="charlm: attention heads")
+    p.add_argument("--steps-per-epoch", type=positive_int, default=50, help="charlm: steps between evaluations")
+    p.add_argument("--val-windows", type=positive_int, default=256, help="charlm: held-out windows evaluated")
+    p.add_argument("--sync-every", type=positive_int, default=20, help="localsgd / diloco: inner steps H between syncs")
+    p.add_argument("--outer-lr", type=positive_float, default=0.7, help="diloco: outer SGD learning rate")
+    p.add_argument("--outer-momentum", type=float, default=0.9, help="diloco: outer momentum (Nesterov when > 0)")
+    p.add_argument("--compression", choices=["none", "int8", "topk"], default="none",
+                   help="localsgd / diloco: compression of the periodic all-reduce (--block-size, --ratio)")
+    p.add_argument("--overlap", action="store_true",
+                   help="localsgd / diloco: all-reduce in the background, applied one round late")
+    p.add_argument("--fragments", type=positive_int, default=1, help="localsgd / diloco: staggered model fragments")
     p.add_argument("--ratio", type=fraction, default=0.01, help="top-k: fraction of each bucket sent")
-    p.add_argument("--warmup-steps", type=non_negative_int, default=0, help="top-k: dense steps first")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=0, help="top-k hook: dense steps first")
     p.add_argument("--powersgd-rank", type=positive_int, default=2, help="powersgd: matrix approximation rank r")
     p.add_argument("--powersgd-start-iter", type=non_negative_int, default=10,
                    help="powersgd: exact averaging for this many steps first (torch's start_powerSGD_iter)")
@@ -129,9 +139,32 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def build(args, device: torch.device):
-    """(model, wrapped model, hook state, optimizer) as configured by ``args``."""
-    model = make_model(args.hidden, args.layers, args.seed).to(device)
+def resolve_defaults(args):
+    """Fills the options whose default depends on the task (epochs, batch size, learning rate)."""
+    for key, value in tasks.get(args.task).defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def build(args, device: torch.device, task=None):
+    """(model, wrapped model, hook state, optimizer) as configured by ``args``. With ``--algo localsgd |
+    diloco`` the model is not wrapped, the hook state is None and the optimizer is the LocalSGD / DiLoCo
+    wrapper around the task's inner optimizer."""
+    resolve_defaults(args)
+    task = task or tasks.get(args.task)(args)
+    model = task.model().to(device)
+    if args.algo != "ddp":
+        compression = {"none": None, "int8": Int8(block_size=args.block_size),
+                       "topk": Topk(ratio=args.ratio)}[args.compression]
+        common = dict(compression=compression, transport=args.transport, overlap=args.overlap, fragments=args.fragments)
+        inner = task.optimizer(model.parameters())
+        if args.algo == "localsgd":
+            optimizer = LocalSGD(model, inner, args.sync_every, **common)
+        else:
+            optimizer = DiLoCo(model, inner, args.sync_every,
+                               outer_optimizer=outer_sgd(args.outer_lr, args.outer_momentum), **common)
+        return model, model, None, optimizer
     hook, make_state = HOOKS[args.hook]
     state = make_state(args).register_model(model)  # residuals keyed by parameter name, checkpoints portable
     if args.ddp == "torch":
@@ -139,7 +172,7 @@ def build(args, device: torch.device):
         wrapped.register_comm_hook(state, hook)
     else:
         wrapped = DataParallel(model, bucket_cap_mb=args.bucket_cap_mb, comm_hook=hook, hook_state=state)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    optimizer = task.optimizer(model.parameters())
     return model, wrapped, state, optimizer
 
 
@@ -147,11 +180,13 @@ def _ckpt_path(prefix: str, rank: int) -> str:
     return f"{prefix}.rank{rank}.pt"
 
 
-def check_run(args, world: int, resume_epoch: int | None = None) -> None:
+def check_run(args, world: int, resume_epoch: int | None = None, task=None) -> None:
     """Raises ValueError for a configuration that cannot train (argparse has checked each value alone):
     a batch larger than a rank's share of the data, or a checkpoint already at the last epoch."""
-    n_train = len(load_digits_split(args.seed)[0])
-    if args.batch_size * world > n_train:
+    resolve_defaults(args)
+    task = task or tasks.get(args.task)(args)
+    if task.steps_per_epoch(world) < 1:
+        n_train = len(task.x_train)
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {n_train // world} training samples of "
                          f"each of the {world} ranks")
     if resume_epoch is not None and resume_epoch >= args.epochs:
@@ -159,53 +194,66 @@ def check_run(args, world: int, resume_epoch: int | None = None) -> None:
                          "train (raise --epochs)")
 
 
+def _bytes_sent(state, optimizer) -> int | None:
+    """Bytes this rank has sent so far, or None where the hook's state does not count (torch's PowerSGD)."""
+    if state is None:
+        return getattr(optimizer, "bytes_sent", 0)
+    return getattr(state, "bytes_sent", None)
+
+
 def run(args) -> dict:
     """Trains in an initialized process group; returns rank-local results (rank 0's are the summary)."""
+    resolve_defaults(args)
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu")
-    x_train, y_train, x_test, y_test = load_digits_split(args.seed)
+    task = tasks.get(args.task)(args)
     ckpt = torch.load(_ckpt_path(args.resume, rank), weights_only=False) if args.resume else None
-    check_run(args, world, ckpt["epoch"] if ckpt else None)
-    model, wrapped, state, optimizer = build(args, device)
-    if (args.checkpoint or args.resume) and not hasattr(state, "state_dict"):
+    check_run(args, world, ckpt["epoch"] if ckpt else None, task)
+    model, wrapped, state, optimizer = build(args, device, task)
+    if (args.checkpoint or args.resume) and state is not None and not hasattr(state, "state_dict"):
         raise ValueError(f"pyparallel.train: --hook {args.hook} keeps no checkpointable state; "
                          "--checkpoint/--resume need one of pyparallel's hooks")
+    periodic = args.algo != "ddp"
+    # LocalSGD / DiLoCo: evaluate the consensus model (the anchor) in a copy, without disturbing training.
+    eval_model = copy.deepcopy(model) if periodic else model
     start_epoch, step = 0, 0
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        state.load_state_dict(ckpt["hook"])
+        if state is not None:
+            state.load_state_dict(ckpt["hook"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
 
-    loss_fn = nn.CrossEntropyLoss()
-    steps_per_epoch = len(x_train) // (args.batch_size * world)
-    counts_bytes = hasattr(state, "bytes_sent")  # torch's PowerSGD state does not count
+    steps_per_epoch = task.steps_per_epoch(world)
     curve, samples, elapsed, steps_at_start = [], 0, 0.0, step
-    bytes_at_start = state.bytes_sent if counts_bytes else 0
+    bytes_at_start = _bytes_sent(state, optimizer)
     progress = None
     if rank == 0 and not args.no_progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=(args.epochs - start_epoch) * steps_per_epoch, desc=f"{args.hook}/{args.ddp}",
+        what = args.hook if args.algo == "ddp" else args.algo
+        progress = tqdm(total=(args.epochs - start_epoch) * steps_per_epoch, desc=f"{what}/{args.task}",
                         unit="step", file=sys.stderr)
+
+    def evaluate_now() -> dict:
+        if periodic:
+            optimizer.load_global_parameters(eval_model)
+        return task.evaluate(eval_model, device)
+
+    loss = None
     for epoch in range(start_epoch, args.epochs):
-        # The same permutation on every rank, a disjoint shard per rank; a function of (seed, epoch) only,
-        # so a resumed run sees exactly the batches an uninterrupted one would.
-        perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        shard = perm[rank::world]
         model.train()
         t0 = time.perf_counter()
-        for s in range(steps_per_epoch):
-            idx = shard[s * args.batch_size:(s + 1) * args.batch_size]
-            xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+        for xb, yb in task.epoch_batches(epoch, rank, world):
+            xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(wrapped(xb), yb)
+            loss = tasks.loss_fn(wrapped(xb), yb)
             loss.backward()
             optimizer.step()
             step += 1
-            samples += len(idx) * world
+            samples += len(xb) * world
             if progress is not None:
                 progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", refresh=False)
                 progress.update()
@@ -214,45 +262,66 @@ def run(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - t0
-        accuracy = evaluate(model, x_test, y_test, device)
-        curve.append({"epoch": epoch, "step": step, "loss": loss.item(), "test_accuracy": accuracy,
-                      "seconds": elapsed})
+        held_out = evaluate_now()
+        curve.append({"epoch": epoch, "step": step, "loss": loss.item() if loss is not None else None,
+                      "val_loss": held_out["loss"], "test_accuracy": held_out["accuracy"], "seconds": elapsed,
+                      "bytes_sent": _bytes_sent(state, optimizer)})
         if args.checkpoint:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "hook": state.state_dict(),
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "hook": state.state_dict() if state is not None else None,
                         "epoch": epoch + 1, "step": step}, _ckpt_path(args.checkpoint, rank))
         if args.max_steps is not None and step >= args.max_steps:
             break
     if progress is not None:
         progress.close()
+    final = curve[-1] if curve else None
+    if periodic:  # synchronise the steps since the last sync and what is in flight: one model everywhere
+        t0 = time.perf_counter()
+        optimizer.finish()
+        elapsed += time.perf_counter() - t0
+        held_out = evaluate_now()
+        final = {"val_loss": held_out["loss"], "test_accuracy": held_out["accuracy"]}
     steps_run = step - steps_at_start
     return {
-        "hook": args.hook, "ddp": args.ddp, "world_size": world, "epochs": args.epochs, "steps": step,
+        "task": args.task, "algo": args.algo, "hook": args.hook, "ddp": args.ddp, "world_size": world,
+        "epochs": args.epochs, "steps": step, "sync_every": args.sync_every if periodic else 1,
+        "compression": args.compression if periodic else args.hook, "overlap": bool(args.overlap and periodic),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "test_accuracy": curve[-1]["test_accuracy"] if curve else None,
+        "val_loss": final["val_loss"] if final else None,
+        "test_accuracy": final["test_accuracy"] if final else None,
         "samples_per_s": samples / elapsed if elapsed else None,
         "seconds_per_step": elapsed / steps_run if steps_run else None,
-        "bytes_sent_per_step": (state.bytes_sent - bytes_at_start) / steps_run if steps_run and counts_bytes else None,
+        "seconds": elapsed,
+        "bytes_sent_per_step": (_bytes_sent(state, optimizer) - bytes_at_start) / steps_run
+        if steps_run and bytes_at_start is not None else None,
         "curve": curve,
         "final_parameters": [p.detach().cpu().clone() for p in model.parameters()],
     }
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
-    model.eval()
-    return (model(x.to(device)).argmax(dim=1).cpu() == y).float().mean().item()
+def describe(result: dict) -> str:
+    """One line naming the algorithm and its communication."""
+    if result["algo"] == "ddp":
+        return f"{result['hook']} hook, {result['ddp']} data parallel"
+    extra = "".join([f", {result['compression']}" if result["compression"] != "none" else "",
+                     ", overlap" if result["overlap"] else ""])
+    return f"{result['algo']} (H={result['sync_every']}{extra})"
 
 
 def summary(result: dict) -> str:
     fp32 = 2 * (result["world_size"] - 1) / result["world_size"] * 4 * result["parameters"]
     sent = result["bytes_sent_per_step"]
-    return (f"pyparallel.train: {result['hook']} hook, {result['ddp']} data parallel, {result['world_size']} ranks, "
+    share = f" ({100 * sent / fp32:.1f}% of an fp32 ring all-reduce)" if fp32 and sent is not None else ""
+    loss, accuracy = result["val_loss"], 100 * result["test_accuracy"]
+    quality = (f"  test accuracy      {accuracy:.2f}% (loss {loss:.4f})" if result["task"] == "digits" else
+               f"  validation loss    {loss:.4f} (next-byte accuracy {accuracy:.1f}%)")
+    return (f"pyparallel.train: {result['task']}, {describe(result)}, {result['world_size']} ranks, "
             f"{result['parameters']:,} parameters, {result['steps']} steps\n"
-            f"  test accuracy      {100 * result['test_accuracy']:.2f}%\n"
-            f"  throughput         {result['samples_per_s']:.0f} samples/s ({1e3 * result['seconds_per_step']:.1f} ms/step)\n"
-            + (f"  bytes sent / step  {sent:,.0f} per rank"
-               + (f" ({100 * sent / fp32:.1f}% of an fp32 ring all-reduce)" if fp32 else "")
-               if sent is not None else "  bytes sent / step  not counted by this hook's state"))
+            f"{quality}\n"
+            f"  throughput         {result['samples_per_s']:.0f} samples/s "
+            f"({1e3 * result['seconds_per_step']:.1f} ms/step)\n"
+            + (f"  bytes sent / step  {sent:,.0f} per rank{share}" if sent is not None
+               else "  bytes sent / step  not counted by this hook's state"))
 
 
 def _die_with_launcher() -> None:
