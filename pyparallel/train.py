@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import hooks
+from . import hooks, train_fault_tolerant
 from .data_parallel import DataParallel
 from .transport import TRANSPORTS
 
@@ -85,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank")
     p.add_argument("--json", metavar="PATH", help="rank 0 writes the summary and per-epoch curve here")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds before a collective with a dead or stopped peer fails (process-group timeout)")
+    train_fault_tolerant.add_arguments(p)
     return p
 
 
@@ -196,7 +199,7 @@ def summary(result: dict) -> str:
 
 def _worker(rank: int, world: int, init_file: str, args) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=5))
+                            timeout=datetime.timedelta(seconds=args.timeout))
     _main_in_group(args)
 
 
@@ -211,10 +214,14 @@ def _main_in_group(args) -> None:
 
 
 def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     if args.threads is None:  # ranks share the machine's cores
-        world = args.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        world = args.replicas if args.fault_tolerant else args.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         args.threads = max(1, (os.cpu_count() or 1) // world)
+    if args.fault_tolerant:
+        train_fault_tolerant.main(args, argv)
+        return
     if args.nproc:
         import tempfile
 
@@ -228,7 +235,7 @@ def main(argv=None) -> None:
     backend = "nccl" if args.device == "cuda" else "gloo"
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=5))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
     _main_in_group(args)
 
 
