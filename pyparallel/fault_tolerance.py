@@ -36,11 +36,8 @@ Example (one process per replica; ``torchft_lighthouse --min_replicas 1`` runnin
         optimizer.step()                      # steps only if every replica's collectives succeeded
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: DDP's register_comm_hook checks managed_hook's annotation objects.
 import datetime
-import itertools
-import os
 import socket
 import threading
 
@@ -58,15 +55,12 @@ try:
 except ImportError as exc:  # torchft is optional: only this module needs it
     raise ImportError(f"pyparallel.fault_tolerance needs torchft ({exc}); install it with `pip install torchft`") from exc
 
-_names = itertools.count()
-
-
 class ManagedGroup(ProcessGroupGloo):
     """torchft's reconfigurable Gloo process group, usable by pyparallel's collectives.
 
     torchft calls :meth:`configure` on every quorum change; the group of the new quorum is a plain c10d
-    ``ProcessGroup`` with a Gloo backend. We name it uniquely in this process (``pyparallel-ft/<pid>/<n>``),
-    register it with c10d (our C++ ops find groups by name) and with :mod:`pyparallel.transport` (with its
+    ``ProcessGroup`` with a Gloo backend. We name it after the quorum (``pyparallel-ft/quorum<id>/rank<r>``, the
+    same on every member), register it with c10d (our C++ ops find groups by name) and with :mod:`pyparallel.transport` (with its
     store, for the shared-memory and hierarchical transports), and release the previous quorum's group
     first, so no collective counter, failure mark, worker thread or shared-memory segment of a dead
     quorum leaks into the next one.
@@ -84,7 +78,9 @@ class ManagedGroup(ProcessGroupGloo):
 
     def _create_pg(self, store: dist.Store, rank: int, world_size: int) -> dist.ProcessGroup:
         pg = super()._create_pg(store, rank, world_size)
-        name = f"pyparallel-ft/{os.getpid()}/{next(_names)}"
+        # The same name on every member (the transports key their store exchanges by it); unique in this
+        # process as long as the previous group is released first, which configure() does.
+        name = f"pyparallel-ft/quorum{self._quorum_id}/rank{self._group_rank or 0}"
         pg._set_group_name(name)
         torch._C._distributed_c10d._register_process_group(name, pg)
         _transport.adopt(pg, store)
@@ -248,7 +244,7 @@ def make_manager(group: ManagedGroup, training: TrainingState, *, lighthouse: st
                  min_replicas: int = 1, timeout: datetime.timedelta = datetime.timedelta(seconds=60),
                  quorum_timeout: datetime.timedelta | None = None, store: dist.TCPStore | None = None,
                  store_host: str | None = None, rank: int = 0, world_size: int = 1,
-                 init_sync: bool = True) -> torchft.Manager:
+                 init_sync: bool = True, max_failed_steps: int | None = 10) -> torchft.Manager:
     """A :class:`torchft.Manager` for this replica, with ``training`` as the state a healing peer gets.
 
     Args:
@@ -263,6 +259,8 @@ def make_manager(group: ManagedGroup, training: TrainingState, *, lighthouse: st
         store_host: the name other replicas reach ``store`` by (default: this host's name).
         init_sync: heal every replica from one peer at step 0 (keep it unless every replica builds
             bitwise-identical initial state).
+        max_failed_steps: raise (ending the replica, which its launcher may restart) after this many
+            discarded steps in a row; None retries forever.
 
     The quorum is synchronous (``use_async_quorum=False``): a replica that must heal loads its donor's
     state before the forward pass and takes part in that very step, so its hook runs with the same hook
@@ -276,7 +274,8 @@ def make_manager(group: ManagedGroup, training: TrainingState, *, lighthouse: st
         pg=group, load_state_dict=None, state_dict=None, min_replica_size=min_replicas,
         use_async_quorum=False, timeout=timeout, quorum_timeout=quorum_timeout or timeout,
         connect_timeout=timeout, rank=rank, world_size=world_size, store_addr=store_host,
-        store_port=store.port, lighthouse_addr=lighthouse, replica_id=replica_id, init_sync=init_sync)
+        store_port=store.port, lighthouse_addr=lighthouse, replica_id=replica_id, init_sync=init_sync,
+        max_retries=max_failed_steps)
     manager.register_state_dict_fn("pyparallel", training.load_state_dict, training.state_dict)
     manager._pyparallel_store = store  # keep the store it talks to alive as long as the manager
     return manager

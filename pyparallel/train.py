@@ -6,6 +6,8 @@ nothing is downloaded). Launch with torchrun, or let the script start its own ra
     torchrun --nproc_per_node 2 -m pyparallel.train --hook int8 --epochs 20
     python -m pyparallel.train --nproc 2 --hook topk --ratio 0.01 --ddp torch
     python -m pyparallel.train --nproc 2 --checkpoint ckpt --epochs 10      # then --resume ckpt --epochs 20
+    torchrun --nproc_per_node 2 --max-restarts 2 -m pyparallel.train --checkpoint-dir ckpt --checkpoint-every 50
+    python -m pyparallel.train --fault-tolerant --replicas 3 --hook int8    # torchft: survives dead replicas
 
 Rank 0 shows a progress bar and ends with a summary: test accuracy, samples/s, bytes sent per step.
 """
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -23,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import hooks, train_fault_tolerant
+from . import checkpoint, hooks, train_fault_tolerant
 from .data_parallel import DataParallel
 from .transport import TRANSPORTS
 
@@ -77,8 +81,14 @@ def parser() -> argparse.ArgumentParser:
                         "applies across hosts only); ring: our ring over Gloo/NCCL everywhere")
     p.add_argument("--bucket-cap-mb", type=float, default=25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", metavar="PREFIX", help="save PREFIX.rank<r>.pt at the end of every epoch")
-    p.add_argument("--resume", metavar="PREFIX", help="continue from PREFIX.rank<r>.pt")
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="save checkpoints in DIR and resume from its newest complete one if there is one (elastic "
+                        "restarts: torchrun --max-restarts runs the same command again)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                   help="checkpoint every K steps (default: at the end of every epoch)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="complete checkpoints kept in the directory")
+    p.add_argument("--checkpoint", metavar="DIR", help="save checkpoints in DIR (without resuming from it)")
+    p.add_argument("--resume", metavar="DIR", help="continue from DIR's newest complete checkpoint")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (benchmarks)")
     p.add_argument("--nproc", type=int, default=None, help="start this many local ranks (instead of torchrun)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -105,8 +115,50 @@ def build(args, device: torch.device):
     return model, wrapped, state, optimizer
 
 
-def _ckpt_path(prefix: str, rank: int) -> str:
-    return f"{prefix}.rank{rank}.pt"
+# ---- checkpoints and elastic restarts (pyparallel.checkpoint) ----
+
+def checkpoint_metadata(args, world: int) -> dict:
+    """What a checkpoint must agree on with the run that resumes from it."""
+    hook_config = {"int8": {"block_size": args.block_size},
+                   "topk": {"ratio": args.ratio, "warmup_steps": args.warmup_steps}}.get(args.hook, {})
+    return {"world_size": world, "algorithm": args.ddp, "hook": args.hook, "hook_config": hook_config,
+            "seed": args.seed, "batch_size": args.batch_size, "model": [args.hidden, args.layers]}
+
+
+def _resume(args, rank: int, world: int, model, optimizer, state) -> int:
+    """Loads the checkpoint to resume from, if any; returns the step to continue at (0: from scratch)."""
+    directory = args.resume
+    if directory is None and args.checkpoint_dir and checkpoint.latest(args.checkpoint_dir) is not None:
+        directory = args.checkpoint_dir
+    if directory is None:
+        return 0
+    step, ckpt = checkpoint.load(directory, rank, checkpoint_metadata(args, world))
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    state.load_state_dict(ckpt["hook"])
+    return step
+
+
+def _save(args, rank: int, world: int, step: int, model, optimizer, state) -> None:
+    checkpoint.save(args.checkpoint_dir or args.checkpoint, step, rank,
+                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "hook": state.state_dict()},
+                    checkpoint_metadata(args, world), keep=args.keep_checkpoints)
+
+
+def _kill_if_asked(args, step: int, rank: int) -> None:
+    """Fault injection for elastic-restart tests: SIGKILL rank --kill-rank in step --kill-at-step, in the
+    first incarnation only (torchrun counts restarts in TORCHELASTIC_RESTART_COUNT)."""
+    if (args.kill_at_step == step and args.kill_replica == rank
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """A short hash of every parameter's bytes: equal digests mean bitwise-equal parameters."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def run(args) -> dict:
@@ -117,22 +169,17 @@ def run(args) -> dict:
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu")
     x_train, y_train, x_test, y_test = load_digits_split(args.seed)
     model, wrapped, state, optimizer = build(args, device)
-    start_epoch, step = 0, 0
-    if args.resume:
-        ckpt = torch.load(_ckpt_path(args.resume, rank), weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state.load_state_dict(ckpt["hook"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-
+    step = _resume(args, rank, world, model, optimizer, state)
     loss_fn = nn.CrossEntropyLoss()
     steps_per_epoch = len(x_train) // (args.batch_size * world)
+    start_epoch, first_step = divmod(step, steps_per_epoch)
+    saving = args.checkpoint_dir or args.checkpoint
     curve, samples, elapsed, bytes_at_start, steps_at_start = [], 0, 0.0, state.bytes_sent, step
     progress = None
     if rank == 0 and not args.no_progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=(args.epochs - start_epoch) * steps_per_epoch, desc=f"{args.hook}/{args.ddp}",
+        progress = tqdm(total=max(0, args.epochs * steps_per_epoch - step), desc=f"{args.hook}/{args.ddp}",
                         unit="step", file=sys.stderr)
     for epoch in range(start_epoch, args.epochs):
         # The same permutation on every rank, a disjoint shard per rank; a function of (seed, epoch) only,
@@ -141,14 +188,17 @@ def run(args) -> dict:
         shard = perm[rank::world]
         model.train()
         t0 = time.perf_counter()
-        for s in range(steps_per_epoch):
+        for s in range(first_step if epoch == start_epoch else 0, steps_per_epoch):
             idx = shard[s * args.batch_size:(s + 1) * args.batch_size]
             xb, yb = x_train[idx].to(device), y_train[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(wrapped(xb), yb)
+            _kill_if_asked(args, step, rank)
             loss.backward()
             optimizer.step()
             step += 1
+            if saving and args.checkpoint_every and step % args.checkpoint_every == 0:
+                _save(args, rank, world, step, model, optimizer, state)
             samples += len(idx) * world
             if progress is not None:
                 progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", refresh=False)
@@ -161,9 +211,8 @@ def run(args) -> dict:
         accuracy = evaluate(model, x_test, y_test, device)
         curve.append({"epoch": epoch, "step": step, "loss": loss.item(), "test_accuracy": accuracy,
                       "seconds": elapsed})
-        if args.checkpoint:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "hook": state.state_dict(),
-                        "epoch": epoch + 1, "step": step}, _ckpt_path(args.checkpoint, rank))
+        if saving and not args.checkpoint_every:
+            _save(args, rank, world, step, model, optimizer, state)
         if args.max_steps is not None and step >= args.max_steps:
             break
     if progress is not None:
@@ -177,6 +226,7 @@ def run(args) -> dict:
         "seconds_per_step": elapsed / steps_run if steps_run else None,
         "bytes_sent_per_step": (state.bytes_sent - bytes_at_start) / steps_run if steps_run else None,
         "curve": curve,
+        "parameter_digest": parameter_digest(model),
         "final_parameters": [p.detach().cpu().clone() for p in model.parameters()],
     }
 
@@ -235,8 +285,27 @@ def main(argv=None) -> None:
     backend = "nccl" if args.device == "cuda" else "gloo"
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
+    init_from_torchrun(backend, datetime.timedelta(seconds=args.timeout))
     _main_in_group(args)
+
+
+def init_from_torchrun(backend: str, timeout: datetime.timedelta) -> None:
+    """init_process_group from torchrun's environment, with one store namespace per restart.
+
+    torchrun's agent serves one TCPStore for the whole job and keeps it across restarts
+    (TORCHELASTIC_USE_AGENT_STORE), so without a namespace of its own a restarted incarnation can read
+    its dead predecessor's Gloo addresses and fail to connect ("Connection refused") or hang.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                          is_master=hosts_store, timeout=timeout, wait_for_workers=False)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"pyparallel/restart{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout)
 
 
 if __name__ == "__main__":

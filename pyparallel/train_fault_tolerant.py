@@ -38,15 +38,17 @@ _EXIT_GRACE_S = 30.0  # once a replica finished, how long the others get to fini
 
 def add_arguments(p) -> None:
     """The command-line options of fault-tolerant training (added to pyparallel.train's parser)."""
-    g = p.add_argument_group("fault tolerance (torchft)")
+    g = p.add_argument_group("fault tolerance")
     g.add_argument("--fault-tolerant", action="store_true",
                    help="train with --replicas replica processes under torchft managers (one rank each)")
     g.add_argument("--replicas", type=int, default=3, help="replica processes to start")
     g.add_argument("--lighthouse", metavar="ADDR", help="torchft lighthouse to use (default: start one)")
     g.add_argument("--min-replicas", type=int, default=1, help="a step commits only with this many replicas")
     g.add_argument("--max-restarts", type=int, default=3, help="restarts of each replica process")
-    g.add_argument("--kill-at-step", type=int, default=None, help="fault injection: SIGKILL a replica in this step")
-    g.add_argument("--kill-replica", type=int, default=0, help="fault injection: the replica to kill")
+    g.add_argument("--kill-at-step", type=int, default=None,
+                   help="fault injection: SIGKILL a replica (or a rank, first incarnation only) in this step")
+    g.add_argument("--kill-replica", "--kill-rank", dest="kill_replica", type=int, default=0,
+                   help="fault injection: the replica (--fault-tolerant) or rank (torchrun) to kill")
     g.add_argument("--ft-replica-index", type=int, default=None, help=argparse_suppress())
     g.add_argument("--ft-run-dir", default=None, help=argparse_suppress())
 
@@ -88,6 +90,14 @@ class _Replica:
                                      start_new_session=True)
         log.close()
 
+    def stepped(self) -> bool:
+        """Whether the current incarnation has taken part in a step."""
+        try:
+            with open(os.path.join(self.run_dir, f"replica{self.index}.steps.jsonl")) as f:
+                return any(json.loads(line)["incarnation"] == self.incarnation for line in f if line.strip())
+        except OSError:
+            return False
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             with open(os.path.join(self.run_dir, f"replica{self.index}.log"), errors="replace") as f:
@@ -125,6 +135,11 @@ def launch(args, argv: list[str]) -> dict:
     t_start = time.time()
     finished_at = None
     failed = None
+
+    def interrupted(signum, frame):
+        raise SystemExit(f"pyparallel.train: interrupted by {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         for r in replicas:
             r.start()
@@ -147,16 +162,25 @@ def launch(args, argv: list[str]) -> dict:
                 elif r.incarnation < args.max_restarts:
                     r.start()
                     say(f"replica {r.index} restarted (restart {r.incarnation} of at most {args.max_restarts})")
-                else:
-                    failed = f"replica {r.index} died {len(r.exits)} times ({_exit_text(rc)}), the limit is " \
-                             f"--max-restarts {args.max_restarts}:\n{r.log_tail()}"
-                    running.clear()
-                    break
+                else:  # the others may still finish without it
+                    say(f"replica {r.index} is not restarted again (--max-restarts {args.max_restarts})")
+                    running.discard(r.index)
+                    if not running:
+                        failed = f"every replica died; the last one ({_exit_text(rc)}):\n{r.log_tail()}"
+            if finished_at is not None:  # training is complete: a restarted replica has nothing to rejoin
+                for i in sorted(running):
+                    if replicas[i].incarnation > 0 and not replicas[i].stepped():
+                        os.killpg(replicas[i].proc.pid, signal.SIGKILL)
+                        replicas[i].proc.wait()
+                        running.discard(i)
+                        say(f"replica {i} stopped: training completed before it rejoined")
             if running and finished_at is not None and time.time() - finished_at > _EXIT_GRACE_S:
                 failed = (f"replicas {sorted(running)} did not finish within {_EXIT_GRACE_S:.0f} s of the first "
                           "finished replica:\n" + "\n".join(replicas[i].log_tail() for i in sorted(running)))
                 break
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         for r in replicas:
             if r.proc is not None and r.proc.poll() is None:
                 os.killpg(r.proc.pid, signal.SIGKILL)
@@ -246,6 +270,19 @@ def _wait_for_peers(run_dir: str, index: int, replicas: int, timeout_s: float) -
         time.sleep(0.02)
 
 
+def _die_with_launcher() -> None:
+    """A replica gets SIGKILL when its launcher dies, however it dies (Linux's parent-death signal)."""
+    launcher = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != launcher:  # it died before the call
+        os._exit(1)
+
+
 def replica_main(args) -> None:
     """One replica process: trains until the committed step count reaches the run's total."""
     import torchft
@@ -253,6 +290,7 @@ def replica_main(args) -> None:
     from . import fault_tolerance as ft
     from .train import HOOKS, evaluate, load_digits_split, make_model
 
+    _die_with_launcher()
     index, run_dir = args.ft_replica_index, args.ft_run_dir
     incarnation = int(os.environ.get(_INCARNATION_ENV, "0"))
     torch.set_num_threads(args.threads or 1)
