@@ -100,6 +100,9 @@ def save(directory: str, step: int, rank: int, state: dict, metadata: dict, grou
     meta = _full_metadata(metadata, step)
     path = _step_dir(directory, step)
     os.makedirs(path, exist_ok=True)
+    for stale in os.listdir(path):  # temporary files of an incarnation that died while writing
+        if stale.startswith(f".rank{rank}.pt.") and stale.endswith(".tmp"):
+            os.unlink(os.path.join(path, stale))
     atomic_write(os.path.join(path, f"rank{rank}.pt"), lambda f: torch.save({"metadata": meta, "state": state}, f))
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.barrier(group)

@@ -169,7 +169,7 @@ def run(args) -> dict:
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu")
     x_train, y_train, x_test, y_test = load_digits_split(args.seed)
     model, wrapped, state, optimizer = build(args, device)
-    step = _resume(args, rank, world, model, optimizer, state)
+    step = resumed_from = _resume(args, rank, world, model, optimizer, state)
     loss_fn = nn.CrossEntropyLoss()
     steps_per_epoch = len(x_train) // (args.batch_size * world)
     start_epoch, first_step = divmod(step, steps_per_epoch)
@@ -220,6 +220,7 @@ def run(args) -> dict:
     steps_run = step - steps_at_start
     return {
         "hook": args.hook, "ddp": args.ddp, "world_size": world, "epochs": args.epochs, "steps": step,
+        "resumed_from_step": resumed_from,
         "parameters": sum(p.numel() for p in model.parameters()),
         "test_accuracy": curve[-1]["test_accuracy"] if curve else None,
         "samples_per_s": samples / elapsed if elapsed else None,
