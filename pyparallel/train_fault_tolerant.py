@@ -18,12 +18,13 @@ its forward pass, while its peers wait in the step's collectives), once (its fir
 
 from __future__ import annotations
 
+import copy
 import datetime
 import hashlib
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +33,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-_INCARNATION_ENV = "PYPARALLEL_FT_INCARNATION"
 _EXIT_GRACE_S = 30.0  # once a replica finished, how long the others get to finish too
 
 
@@ -45,18 +45,12 @@ def add_arguments(p) -> None:
     g.add_argument("--lighthouse", metavar="ADDR", help="torchft lighthouse to use (default: start one)")
     g.add_argument("--min-replicas", type=int, default=1, help="a step commits only with this many replicas")
     g.add_argument("--max-restarts", type=int, default=3, help="restarts of each replica process")
+    g.add_argument("--log-dir", metavar="DIR",
+                   help="replica logs, step logs and final parameters (default: a new directory under /tmp)")
     g.add_argument("--kill-at-step", type=int, default=None,
                    help="fault injection: SIGKILL a replica (or a rank, first incarnation only) in this step")
     g.add_argument("--kill-replica", "--kill-rank", dest="kill_replica", type=int, default=0,
                    help="fault injection: the replica (--fault-tolerant) or rank (torchrun) to kill")
-    g.add_argument("--ft-replica-index", type=int, default=None, help=argparse_suppress())
-    g.add_argument("--ft-run-dir", default=None, help=argparse_suppress())
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def check_arguments(args) -> None:
@@ -69,26 +63,37 @@ def check_arguments(args) -> None:
         raise SystemExit(f"pyparallel.train: --max-restarts must be >= 0, got {args.max_restarts}")
     if args.kill_at_step is not None and not 0 <= args.kill_replica < args.replicas:
         raise SystemExit(f"pyparallel.train: --kill-replica must be in [0, {args.replicas}), got {args.kill_replica}")
-    if args.transport not in ("ring", "auto"):
-        raise SystemExit("pyparallel.train: --fault-tolerant runs one rank per replica: --transport ring or auto")
 
 
 # ---- launcher ----
 
 class _Replica:
-    def __init__(self, index: int, command: list[str], run_dir: str):
-        self.index, self.command, self.run_dir = index, command, run_dir
+    """One replica slot: its current process (forked from a server that has torch imported already, so
+    a restart takes about a second, not the many seconds of a cold start) and its history."""
+
+    def __init__(self, index: int, args, context):
+        self.index, self.args, self.context = index, args, context
+        self.run_dir = args.ft_run_dir
         self.incarnation = -1
-        self.proc: subprocess.Popen | None = None
+        self.proc = None
         self.exits: list[int] = []
 
     def start(self) -> None:
         self.incarnation += 1
-        env = dict(os.environ, **{_INCARNATION_ENV: str(self.incarnation)})
-        log = open(os.path.join(self.run_dir, f"replica{self.index}.log"), "ab")
-        self.proc = subprocess.Popen(self.command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        log.close()
+        args = copy.copy(self.args)
+        args.ft_replica_index, args.ft_incarnation = self.index, self.incarnation
+        log = os.path.join(self.run_dir, f"replica{self.index}.log")
+        self.proc = self.context.Process(target=_replica_entry, args=(args, log),
+                                         name=f"pyparallel-replica{self.index}")
+        self.proc.start()
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join()
 
     def stepped(self) -> bool:
         """Whether the current incarnation has taken part in a step."""
@@ -106,6 +111,14 @@ class _Replica:
             return ""
 
 
+def _replica_entry(args, log: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    replica_main(args)
+
+
 def _exit_text(rc: int) -> str:
     if rc < 0:
         try:
@@ -115,7 +128,7 @@ def _exit_text(rc: int) -> str:
     return f"exit status {rc}"
 
 
-def launch(args, argv: list[str]) -> dict:
+def launch(args) -> dict:
     """Runs the lighthouse (unless given), the replicas and their restarts; returns the run's summary."""
     check_arguments(args)
     # torchft's servers log every quorum at INFO; its Rust logger reads this when torchft is imported.
@@ -127,9 +140,14 @@ def launch(args, argv: list[str]) -> dict:
     if address is None:
         lighthouse = start_lighthouse(min_replicas=args.min_replicas)
         address = lighthouse.address()
-    run_dir = tempfile.mkdtemp(prefix="pyparallel-ft-")
-    command = [sys.executable, "-m", "pyparallel.train", *argv, "--lighthouse", address, "--ft-run-dir", run_dir]
-    replicas = [_Replica(i, command + ["--ft-replica-index", str(i)], run_dir) for i in range(args.replicas)]
+    args = copy.copy(args)
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
+    args.lighthouse, args.ft_run_dir = address, args.log_dir or tempfile.mkdtemp(prefix="pyparallel-ft-")
+    run_dir = args.ft_run_dir
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["pyparallel.train", "pyparallel.fault_tolerance"])
+    replicas = [_Replica(i, args, context) for i in range(args.replicas)]
     say = (lambda msg: print(f"pyparallel.train: {msg}", file=sys.stderr, flush=True))
     say(f"lighthouse {address}, {args.replicas} replicas, logs in {run_dir}")
     t_start = time.time()
@@ -147,7 +165,7 @@ def launch(args, argv: list[str]) -> dict:
         while running:
             time.sleep(0.05)
             for r in [replicas[i] for i in sorted(running)]:
-                rc = r.proc.poll()
+                rc = r.poll()
                 if rc is None:
                     continue
                 r.exits.append(rc)
@@ -170,8 +188,7 @@ def launch(args, argv: list[str]) -> dict:
             if finished_at is not None:  # training is complete: a restarted replica has nothing to rejoin
                 for i in sorted(running):
                     if replicas[i].incarnation > 0 and not replicas[i].stepped():
-                        os.killpg(replicas[i].proc.pid, signal.SIGKILL)
-                        replicas[i].proc.wait()
+                        replicas[i].kill()
                         running.discard(i)
                         say(f"replica {i} stopped: training completed before it rejoined")
             if running and finished_at is not None and time.time() - finished_at > _EXIT_GRACE_S:
@@ -182,9 +199,7 @@ def launch(args, argv: list[str]) -> dict:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         for r in replicas:
-            if r.proc is not None and r.proc.poll() is None:
-                os.killpg(r.proc.pid, signal.SIGKILL)
-                r.proc.wait()
+            r.kill()
         if lighthouse is not None:
             lighthouse.shutdown()
     if failed:
@@ -271,7 +286,8 @@ def _wait_for_peers(run_dir: str, index: int, replicas: int, timeout_s: float) -
 
 
 def _die_with_launcher() -> None:
-    """A replica gets SIGKILL when its launcher dies, however it dies (Linux's parent-death signal)."""
+    """A replica gets SIGKILL when its parent dies, however it dies (Linux's parent-death signal). The
+    parent is the launcher's fork server, which exits when the launcher does."""
     launcher = os.getppid()
     try:
         import ctypes
@@ -291,8 +307,7 @@ def replica_main(args) -> None:
     from .train import HOOKS, evaluate, load_digits_split, make_model
 
     _die_with_launcher()
-    index, run_dir = args.ft_replica_index, args.ft_run_dir
-    incarnation = int(os.environ.get(_INCARNATION_ENV, "0"))
+    index, run_dir, incarnation = args.ft_replica_index, args.ft_run_dir, args.ft_incarnation
     torch.set_num_threads(args.threads or 1)
     timeout = datetime.timedelta(seconds=args.timeout)
     # This replica's own group (one rank): pyparallel.DataParallel needs a default group to exist.
@@ -352,11 +367,8 @@ def replica_main(args) -> None:
     dist.destroy_process_group()
 
 
-def main(args, argv: list[str]) -> None:
-    if args.ft_replica_index is not None:
-        replica_main(args)
-        return
-    summary = launch(args, argv)
+def main(args) -> None:
+    summary = launch(args)
     print(summary_text(summary), flush=True)
     if args.json:
         with open(args.json, "w") as f:
