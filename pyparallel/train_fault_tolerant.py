@@ -299,6 +299,10 @@ def _die_with_launcher() -> None:
         os._exit(1)
 
 
+def _note(msg: str) -> None:
+    print(f"[{datetime.datetime.now().isoformat(timespec='milliseconds')}] {msg}", flush=True)
+
+
 def replica_main(args) -> None:
     """One replica process: trains until the committed step count reaches the run's total."""
     import torchft
@@ -308,6 +312,7 @@ def replica_main(args) -> None:
 
     _die_with_launcher()
     index, run_dir, incarnation = args.ft_replica_index, args.ft_run_dir, args.ft_incarnation
+    _note(f"replica {index} incarnation {incarnation} started")
     torch.set_num_threads(args.threads or 1)
     timeout = datetime.timedelta(seconds=args.timeout)
     # This replica's own group (one rank): pyparallel.DataParallel needs a default group to exist.
@@ -326,6 +331,7 @@ def replica_main(args) -> None:
     wrapped = ft.data_parallel(manager, group, model, hook, hook_state, wrapper=args.ddp,
                                bucket_cap_mb=args.bucket_cap_mb)
     optimizer = torchft.Optimizer(manager, inner)
+    _note("manager up")
 
     global_batch = args.batch_size * args.replicas
     steps_per_epoch = len(x_train) // global_batch
@@ -333,6 +339,7 @@ def replica_main(args) -> None:
     loss_fn = nn.CrossEntropyLoss()
     if incarnation == 0:
         _wait_for_peers(run_dir, index, args.replicas, args.timeout)
+    stepped = False
     with open(os.path.join(run_dir, f"replica{index}.steps.jsonl"), "a") as log:
         while manager.current_step() < total:
             start = time.time()
@@ -340,6 +347,9 @@ def replica_main(args) -> None:
             step = manager.current_step()
             if step >= total:  # healed to the end: the peers finished meanwhile
                 break
+            if not stepped:
+                _note(f"first quorum: step {step}, {manager.num_participants()} replicas, heals {training.heals}")
+                stepped = True
             rank, n = manager.participating_rank(), manager.num_participants()
             epoch, s = divmod(step, steps_per_epoch)
             perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
