@@ -53,17 +53,18 @@ try:
     import torchft
     from torchft.process_group import ProcessGroupDummy, ProcessGroupGloo
 except ImportError as exc:  # torchft is optional: only this module needs it
-    raise ImportError(f"pyparallel.fault_tolerance needs torchft ({exc}); install it with `pip install torchft`") from exc
+    raise ImportError(f"pyparallel.fault_tolerance needs torchft ({exc}); `pip install torchft`") from exc
+
 
 class ManagedGroup(ProcessGroupGloo):
     """torchft's reconfigurable Gloo process group, usable by pyparallel's collectives.
 
     torchft calls :meth:`configure` on every quorum change; the group of the new quorum is a plain c10d
-    ``ProcessGroup`` with a Gloo backend. We name it after the quorum (``pyparallel-ft/quorum<id>/rank<r>``, the
-    same on every member), register it with c10d (our C++ ops find groups by name) and with :mod:`pyparallel.transport` (with its
-    store, for the shared-memory and hierarchical transports), and release the previous quorum's group
-    first, so no collective counter, failure mark, worker thread or shared-memory segment of a dead
-    quorum leaks into the next one.
+    ``ProcessGroup`` with a Gloo backend. We name it after the quorum (``pyparallel-ft/quorum<id>/rank<r>``,
+    the same on every member), register it with c10d (our C++ ops find groups by name) and with
+    :mod:`pyparallel.transport` (with its store, for the shared-memory transport), and release the
+    previous quorum's group first, so no collective counter, failure mark, worker thread or shared-memory
+    segment of a dead quorum leaks into the next one.
 
     Args:
         timeout: timeout of the group's operations and store (a dead peer that does not close its
@@ -243,9 +244,10 @@ class TrainingState:
 def make_manager(group: ManagedGroup, training: TrainingState, *, lighthouse: str, replica_id: str,
                  min_replicas: int = 1, timeout: datetime.timedelta = datetime.timedelta(seconds=60),
                  quorum_timeout: datetime.timedelta | None = None, store: dist.TCPStore | None = None,
-                 store_host: str | None = None, rank: int = 0, world_size: int = 1,
-                 init_sync: bool = True, max_failed_steps: int | None = 10) -> torchft.Manager:
-    """A :class:`torchft.Manager` for this replica, with ``training`` as the state a healing peer gets.
+                 store_host: str | None = None, init_sync: bool = True,
+                 max_failed_steps: int | None = 10) -> torchft.Manager:
+    """A :class:`torchft.Manager` for this replica (one rank), with ``training`` as the state a healing
+    peer gets.
 
     Args:
         group: the replica's :class:`ManagedGroup`.
@@ -254,8 +256,8 @@ def make_manager(group: ManagedGroup, training: TrainingState, *, lighthouse: st
         min_replicas: steps commit only with at least this many replicas in the quorum.
         timeout: collectives, commit votes and checkpoint transfers fail after this long.
         quorum_timeout: how long a quorum may take (default: ``timeout``).
-        store: this replica group's TCPStore (default: a new one on a free port, hosted here; fine for
-            one rank per replica). The quorum's process group rendezvouses through one replica's store.
+        store: this replica's TCPStore (default: a new one on a free port, hosted here). The quorum's
+            process group rendezvouses through one replica's store.
         store_host: the name other replicas reach ``store`` by (default: this host's name).
         init_sync: heal every replica from one peer at step 0 (keep it unless every replica builds
             bitwise-identical initial state).
@@ -273,11 +275,11 @@ def make_manager(group: ManagedGroup, training: TrainingState, *, lighthouse: st
     manager = torchft.Manager(
         pg=group, load_state_dict=None, state_dict=None, min_replica_size=min_replicas,
         use_async_quorum=False, timeout=timeout, quorum_timeout=quorum_timeout or timeout,
-        connect_timeout=timeout, rank=rank, world_size=world_size, store_addr=store_host,
+        connect_timeout=timeout, rank=0, world_size=1, store_addr=store_host,
         store_port=store.port, lighthouse_addr=lighthouse, replica_id=replica_id, init_sync=init_sync,
         max_retries=max_failed_steps)
     manager.register_state_dict_fn("pyparallel", training.load_state_dict, training.state_dict)
-    manager._pyparallel_store = store  # keep the store it talks to alive as long as the manager
+    manager._pyparallel_store = store  # the manager's servers talk to it: it must live as long
     return manager
 
 
@@ -286,9 +288,11 @@ def start_lighthouse(min_replicas: int = 1, bind: str = "[::]:0", join_timeout_m
     """Starts a torchft lighthouse in this process; returns the server (``.address()``, ``.shutdown()``).
 
     Args:
-        join_timeout_ms: how long a quorum waits for replicas that heartbeat but have not asked to join.
-        heartbeat_timeout_ms: a replica silent this long is dead: this bounds how long survivors wait
-            for a killed replica before they form a quorum without it.
+        join_timeout_ms: how long a quorum waits for replicas that heartbeat but have not asked to join:
+            after a replica dies, the survivors' next quorum forms once this has passed (the dead
+            replica still counts as heartbeating for ``heartbeat_timeout_ms``), so it sets their stall.
+            Too short, and a replica that is merely slower than its peers drops out of quorums.
+        heartbeat_timeout_ms: a replica silent this long is dead.
     """
     from torchft.coordination import LighthouseServer
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import copy
 import datetime
-import hashlib
 import json
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -254,8 +254,8 @@ def collect(run_dir: str, replicas: list[_Replica], seconds: float) -> dict:
         "participants_per_step": [participants[s] for s in sorted(participants)],
         "longest_stall_s": stall, "longest_stall_step": stall_at,
         "seconds": seconds, "run_dir": run_dir,
-        "steps_log": [{k: e[k] for k in ("replica", "incarnation", "step", "committed", "participants", "start", "end")}
-                      for e in sorted(events, key=lambda e: e["end"])],
+        "steps_log": [{k: e[k] for k in ("replica", "incarnation", "step", "committed", "participants", "start",
+                                         "end")} for e in sorted(events, key=lambda e: e["end"])],
     }
 
 
@@ -308,7 +308,7 @@ def replica_main(args) -> None:
     import torchft
 
     from . import fault_tolerance as ft
-    from .train import HOOKS, evaluate, load_digits_split, make_model
+    from .train import HOOKS, evaluate, load_digits_split, make_model, parameter_digest
 
     _die_with_launcher()
     index, run_dir, incarnation = args.ft_replica_index, args.ft_run_dir, args.ft_incarnation
@@ -316,7 +316,7 @@ def replica_main(args) -> None:
     torch.set_num_threads(args.threads or 1)
     timeout = datetime.timedelta(seconds=args.timeout)
     # This replica's own group (one rank): pyparallel.DataParallel needs a default group to exist.
-    store = dist.TCPStore(ft.socket.gethostname(), 0, is_master=True, wait_for_workers=False, timeout=timeout)
+    store = dist.TCPStore(socket.gethostname(), 0, is_master=True, wait_for_workers=False, timeout=timeout)
     dist.init_process_group("gloo", store=dist.PrefixStore("replica", store), rank=0, world_size=1, timeout=timeout)
 
     x_train, y_train, x_test, y_test = load_digits_split(args.seed)
@@ -335,7 +335,9 @@ def replica_main(args) -> None:
 
     global_batch = args.batch_size * args.replicas
     steps_per_epoch = len(x_train) // global_batch
-    total = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, args.epochs * steps_per_epoch)
+    total = args.epochs * steps_per_epoch
+    if args.max_steps is not None:
+        total = min(total, args.max_steps)
     loss_fn = nn.CrossEntropyLoss()
     if incarnation == 0:
         _wait_for_peers(run_dir, index, args.replicas, args.timeout)
@@ -365,13 +367,13 @@ def replica_main(args) -> None:
                                   "loss": loss.item(), "start": start, "end": time.time()}) + "\n")
             log.flush()
     accuracy = evaluate(model, x_test, y_test, torch.device("cpu"))
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
+    digest = parameter_digest(model)
     with open(os.path.join(run_dir, f"replica{index}.final.json"), "w") as f:
         json.dump({"hook": args.hook, "steps": manager.current_step(), "test_accuracy": accuracy,
                    "heals": training.heals, "incarnation": incarnation, "parameter_digest": digest,
                    "group_generations": group.generations}, f)
-    torch.save([p.detach().clone() for p in model.parameters()], os.path.join(run_dir, f"replica{index}.params.pt"))
+    torch.save([p.detach().clone() for p in model.parameters()],
+               os.path.join(run_dir, f"replica{index}.params.pt"))
     manager.shutdown(wait=False)
     group.shutdown()
     dist.destroy_process_group()

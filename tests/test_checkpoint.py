@@ -114,7 +114,8 @@ def test_crash_mid_write_leaves_the_previous_checkpoint_readable(tmp_path):
     step, state = checkpoint.load(d, 0, META)
     assert step == 10 and state["step_value"] == 1.0
     checkpoint.save(d, 20, 0, _state(2.0), META)  # the next incarnation writes it again, stale temp file gone
-    assert checkpoint.latest(d) == 20 and not any(n.endswith(".tmp") for n in os.listdir(os.path.join(d, "step-000000020")))
+    assert checkpoint.latest(d) == 20
+    assert not any(n.endswith(".tmp") for n in os.listdir(os.path.join(d, "step-000000020")))
 
 
 def test_incomplete_checkpoint_of_a_dead_rank_is_skipped(tmp_path):
@@ -160,7 +161,8 @@ def _torchrun_killed_and_resumed(tmp, argv, kill_step=12):
         return json.load(f)
 
 
-@pytest.mark.parametrize("config", [["--ddp", "pyparallel", "--hook", "int8"], ["--ddp", "torch", "--hook", "allreduce"]],
+@pytest.mark.parametrize("config", [["--ddp", "pyparallel", "--hook", "int8"],
+                                    ["--ddp", "torch", "--hook", "allreduce"]],
                          ids=["pyparallel-int8", "torch-ddp-allreduce"])
 def test_torchrun_restart_resumes_bitwise_equal(dist_pool, config):
     # Rank 1 is SIGKILLed in step 12 (checkpoints every 5 steps): torchrun restarts both ranks, they resume

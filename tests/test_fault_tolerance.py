@@ -144,7 +144,8 @@ def test_healing_state_copies_everything_but_error_feedback_residuals():
     healed = ft.TrainingState(net2, opt2, topk2, extra=(lambda: dict(extra2), extra2.update))
     healed.load_state_dict(donor.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
-    assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"], opt2.state_dict()["state"][0]["momentum_buffer"])
+    momentum = [o.state_dict()["state"][0]["momentum_buffer"] for o in (opt, opt2)]
+    assert torch.equal(*momentum)
     assert topk2.iteration == 7 and topk2.bytes_sent == 1234 and extra2 == {"position": 42}
     assert list(topk2.residuals) == [0] and not topk2.residuals[0].any() and topk.residuals[0].any()
     assert healed.heals == 1
