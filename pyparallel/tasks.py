@@ -30,11 +30,21 @@ TASKS = ("digits", "charlm")
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.2):
     """(x_train, y_train, x_test, y_test): features scaled to [0, 1], a fixed shuffled split."""
-    from sklearn.datasets import load_digits
+    import gzip
+    import importlib.util
 
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.int64)
+    import numpy as np
+
+    # scikit-learn's load_digits() reads this file; reading it directly skips importing scikit-learn (and
+    # SciPy), seconds that every process, and every restarted one, would pay.
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("pyparallel.train needs scikit-learn, whose package ships the digits data set")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    with gzip.open(path) as f:
+        data = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    x = torch.from_numpy(data[:, :-1].copy()) / 16.0
+    y = torch.from_numpy(data[:, -1].astype(np.int64))
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_test = int(len(x) * test_fraction)
     test, train = perm[:n_test], perm[n_test:]

@@ -11,6 +11,8 @@ ranks on this machine:
     python -m pyparallel.train --nproc 2 --checkpoint ckpt --epochs 10      # then --resume ckpt --epochs 20
     python -m pyparallel.train --nproc 2 --task charlm --algo diloco --sync-every 50 --compression int8 --overlap
     python -m pyparallel.train --nproc 2 --task charlm --algo localsgd --sync-every 10 --transport ring
+    torchrun --nproc_per_node 2 --max-restarts 2 -m pyparallel.train --checkpoint-dir ckpt --checkpoint-every 50
+    python -m pyparallel.train --fault-tolerant --replicas 3 --hook int8    # torchft: survives dead replicas
 
 Rank 0 shows a progress bar and ends with a summary: held-out loss and accuracy, samples/s, bytes sent per
 step. LocalSGD / DiLoCo evaluate the consensus model (the last synchronised anchor) after every epoch and,
@@ -22,6 +24,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -34,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
-from . import hooks, reducer, tasks
+from . import checkpoint, hooks, reducer, tasks, train_fault_tolerant
 from .comm import Int8, Topk
 from .data_parallel import DataParallel
 from .local_sgd import DiLoCo, LocalSGD, outer_sgd
@@ -125,8 +129,14 @@ def parser() -> argparse.ArgumentParser:
                         "applies across hosts only); ring: our ring over Gloo/NCCL everywhere")
     p.add_argument("--bucket-cap-mb", type=positive_float, default=reducer.BUCKET_CAP_MB)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", metavar="PREFIX", help="save PREFIX.rank<r>.pt at the end of every epoch")
-    p.add_argument("--resume", metavar="PREFIX", help="continue from PREFIX.rank<r>.pt")
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="save checkpoints in DIR and resume from its newest complete one if there is one (elastic "
+                        "restarts: torchrun --max-restarts runs the same command again)")
+    p.add_argument("--checkpoint-every", type=non_negative_int, default=0, metavar="K",
+                   help="checkpoint every K steps (default: at the end of every epoch)")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=2, help="complete checkpoints kept in the directory")
+    p.add_argument("--checkpoint", metavar="DIR", help="save checkpoints in DIR (without resuming from it)")
+    p.add_argument("--resume", metavar="DIR", help="continue from DIR's newest complete checkpoint")
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many steps in total (benchmarks)")
     p.add_argument("--nproc", type=positive_int, default=None, help="start this many local ranks (instead of torchrun)")
@@ -136,6 +146,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads per rank")
     p.add_argument("--json", metavar="PATH", help="rank 0 writes the summary and per-epoch curve here")
     p.add_argument("--no-progress", action="store_true")
+    train_fault_tolerant.add_arguments(p)
     return p
 
 
@@ -176,11 +187,62 @@ def build(args, device: torch.device, task=None):
     return model, wrapped, state, optimizer
 
 
-def _ckpt_path(prefix: str, rank: int) -> str:
-    return f"{prefix}.rank{rank}.pt"
+# ---- checkpoints and elastic restarts (pyparallel.checkpoint) ----
+
+def checkpoint_metadata(args, world: int) -> dict:
+    """What a checkpoint must agree on with the run that resumes from it."""
+    hook_config = {"int8": {"block_size": args.block_size},
+                   "topk": {"ratio": args.ratio, "warmup_steps": args.warmup_steps},
+                   "powersgd": {"rank": args.powersgd_rank, "start_iter": args.powersgd_start_iter}}.get(args.hook, {})
+    model = ([args.hidden, args.layers] if args.task == "digits" else
+             [args.context, args.d_model, args.n_layers, args.n_heads])
+    periodic = {"sync_every": args.sync_every, "compression": args.compression, "overlap": args.overlap,
+                "fragments": args.fragments, "outer": [args.outer_lr, args.outer_momentum]}
+    return {"world_size": world, "algorithm": args.ddp, "algo": args.algo, "task": args.task,
+            "hook": args.hook if args.algo == "ddp" else None, "hook_config": hook_config if args.algo == "ddp" else {},
+            "periodic": periodic if args.algo != "ddp" else {},
+            "seed": args.seed, "batch_size": args.batch_size, "model": model}
 
 
-def check_run(args, world: int, resume_epoch: int | None = None, task=None) -> None:
+def _resume(args, rank: int, world: int, model, optimizer, state) -> int:
+    """Loads the checkpoint to resume from, if any; returns the step to continue at (0: from scratch)."""
+    directory = args.resume
+    if directory is None and args.checkpoint_dir and checkpoint.latest(args.checkpoint_dir) is not None:
+        directory = args.checkpoint_dir
+    if directory is None:
+        return 0
+    step, ckpt = checkpoint.load(directory, rank, checkpoint_metadata(args, world))
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if state is not None:  # LocalSGD / DiLoCo keep theirs in the optimizer's state
+        state.load_state_dict(ckpt["hook"])
+    return step
+
+
+def _save(args, rank: int, world: int, step: int, model, optimizer, state) -> None:
+    checkpoint.save(args.checkpoint_dir or args.checkpoint, step, rank,
+                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "hook": state.state_dict() if state is not None else None},
+                    checkpoint_metadata(args, world), keep=args.keep_checkpoints)
+
+
+def _kill_if_asked(args, step: int, rank: int) -> None:
+    """Fault injection for elastic-restart tests: SIGKILL rank --kill-rank in step --kill-at-step, in the
+    first incarnation only (torchrun counts restarts in TORCHELASTIC_RESTART_COUNT)."""
+    if (args.kill_at_step == step and args.kill_replica == rank
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """A short hash of every parameter's bytes: equal digests mean bitwise-equal parameters."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_run(args, world: int, resume_step: int | None = None, task=None) -> None:
     """Raises ValueError for a configuration that cannot train (argparse has checked each value alone):
     a batch larger than a rank's share of the data, or a checkpoint already at the last epoch."""
     resolve_defaults(args)
@@ -189,9 +251,10 @@ def check_run(args, world: int, resume_epoch: int | None = None, task=None) -> N
         n_train = len(task.x_train)
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {n_train // world} training samples of "
                          f"each of the {world} ranks")
-    if resume_epoch is not None and resume_epoch >= args.epochs:
-        raise ValueError(f"--resume: the checkpoint is at epoch {resume_epoch} of {args.epochs}: nothing left to "
-                         "train (raise --epochs)")
+    steps_per_epoch = task.steps_per_epoch(world)
+    if resume_step is not None and resume_step >= args.epochs * steps_per_epoch:
+        raise ValueError(f"--resume: the checkpoint is at step {resume_step} (epoch {resume_step // steps_per_epoch} "
+                         f"of {args.epochs}): nothing left to train (raise --epochs)")
 
 
 def _bytes_sent(state, optimizer) -> int | None:
@@ -209,24 +272,15 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu")
     task = tasks.get(args.task)(args)
-    ckpt = torch.load(_ckpt_path(args.resume, rank), weights_only=False) if args.resume else None
-    check_run(args, world, ckpt["epoch"] if ckpt else None, task)
     model, wrapped, state, optimizer = build(args, device, task)
-    if (args.checkpoint or args.resume) and state is not None and not hasattr(state, "state_dict"):
-        raise ValueError(f"pyparallel.train: --hook {args.hook} keeps no checkpointable state; "
-                         "--checkpoint/--resume need one of pyparallel's hooks")
+    step = resumed_from = _resume(args, rank, world, model, optimizer, state)
+    check_run(args, world, step if args.resume else None, task)
     periodic = args.algo != "ddp"
     # LocalSGD / DiLoCo: evaluate the consensus model (the anchor) in a copy, without disturbing training.
     eval_model = copy.deepcopy(model) if periodic else model
-    start_epoch, step = 0, 0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if state is not None:
-            state.load_state_dict(ckpt["hook"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-
     steps_per_epoch = task.steps_per_epoch(world)
+    start_epoch, first_step = divmod(step, steps_per_epoch)
+    saving = args.checkpoint_dir or args.checkpoint
     curve, samples, elapsed, steps_at_start = [], 0, 0.0, step
     bytes_at_start = _bytes_sent(state, optimizer)
     progress = None
@@ -234,7 +288,7 @@ def run(args) -> dict:
         from tqdm import tqdm
 
         what = args.hook if args.algo == "ddp" else args.algo
-        progress = tqdm(total=(args.epochs - start_epoch) * steps_per_epoch, desc=f"{what}/{args.task}",
+        progress = tqdm(total=max(0, args.epochs * steps_per_epoch - step), desc=f"{what}/{args.task}",
                         unit="step", file=sys.stderr)
 
     def evaluate_now() -> dict:
@@ -246,13 +300,17 @@ def run(args) -> dict:
     for epoch in range(start_epoch, args.epochs):
         model.train()
         t0 = time.perf_counter()
-        for xb, yb in task.epoch_batches(epoch, rank, world):
+        batches = task.epoch_batches(epoch, rank, world)
+        for xb, yb in itertools.islice(batches, first_step if epoch == start_epoch else 0, None):
             xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = tasks.loss_fn(wrapped(xb), yb)
+            _kill_if_asked(args, step, rank)
             loss.backward()
             optimizer.step()
             step += 1
+            if saving and args.checkpoint_every and step % args.checkpoint_every == 0:
+                _save(args, rank, world, step, model, optimizer, state)
             samples += len(xb) * world
             if progress is not None:
                 progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", refresh=False)
@@ -266,10 +324,8 @@ def run(args) -> dict:
         curve.append({"epoch": epoch, "step": step, "loss": loss.item() if loss is not None else None,
                       "val_loss": held_out["loss"], "test_accuracy": held_out["accuracy"], "seconds": elapsed,
                       "bytes_sent": _bytes_sent(state, optimizer)})
-        if args.checkpoint:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "hook": state.state_dict() if state is not None else None,
-                        "epoch": epoch + 1, "step": step}, _ckpt_path(args.checkpoint, rank))
+        if saving and not args.checkpoint_every:
+            _save(args, rank, world, step, model, optimizer, state)
         if args.max_steps is not None and step >= args.max_steps:
             break
     if progress is not None:
@@ -286,6 +342,7 @@ def run(args) -> dict:
         "task": args.task, "algo": args.algo, "hook": args.hook, "ddp": args.ddp, "world_size": world,
         "epochs": args.epochs, "steps": step, "sync_every": args.sync_every if periodic else 1,
         "compression": args.compression if periodic else args.hook, "overlap": bool(args.overlap and periodic),
+        "resumed_from_step": resumed_from,
         "parameters": sum(p.numel() for p in model.parameters()),
         "val_loss": final["val_loss"] if final else None,
         "test_accuracy": final["test_accuracy"] if final else None,
@@ -295,6 +352,7 @@ def run(args) -> dict:
         "bytes_sent_per_step": (_bytes_sent(state, optimizer) - bytes_at_start) / steps_run
         if steps_run and bytes_at_start is not None else None,
         "curve": curve,
+        "parameter_digest": parameter_digest(model),
         "final_parameters": [p.detach().cpu().clone() for p in model.parameters()],
     }
 
@@ -306,6 +364,12 @@ def describe(result: dict) -> str:
     extra = "".join([f", {result['compression']}" if result["compression"] != "none" else "",
                      ", overlap" if result["overlap"] else ""])
     return f"{result['algo']} (H={result['sync_every']}{extra})"
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+    """Accuracy of ``model`` on (x, y) (the fault-tolerant trainer's digits evaluation)."""
+    model.eval()
+    return (model(x.to(device)).argmax(dim=1).cpu() == y).float().mean().item()
 
 
 def summary(result: dict) -> str:
@@ -360,18 +424,20 @@ def main(argv=None) -> None:
     p = parser()
     args = p.parse_args(argv)
     if args.threads is None:  # ranks share the machine's cores
-        world = args.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        world = args.replicas if args.fault_tolerant else args.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         args.threads = max(1, (os.cpu_count() or 1) // world)
+    if args.fault_tolerant:
+        train_fault_tolerant.main(args)
+        return
     if args.nproc:
         # Checked here, before any rank starts (under torchrun every rank checks the same in run()).
-        resume_epoch = None
+        resume_step = None
         if args.resume:
-            path = _ckpt_path(args.resume, 0)
-            if not os.path.exists(path):
-                p.error(f"--resume: no checkpoint {path}")
-            resume_epoch = torch.load(path, weights_only=False)["epoch"]
+            resume_step = checkpoint.latest(args.resume) if os.path.isdir(args.resume) else None
+            if resume_step is None:
+                p.error(f"--resume: no complete checkpoint in {args.resume}")
         try:
-            check_run(args, args.nproc, resume_epoch)
+            check_run(args, args.nproc, resume_step)
         except ValueError as exc:
             p.error(str(exc))
         import torch.multiprocessing as mp
@@ -387,8 +453,27 @@ def main(argv=None) -> None:
     backend = "nccl" if args.device == "cuda" else "gloo"
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
+    init_from_torchrun(backend, datetime.timedelta(seconds=args.timeout))
     _main_in_group(args)
+
+
+def init_from_torchrun(backend: str, timeout: datetime.timedelta) -> None:
+    """init_process_group from torchrun's environment, with one store namespace per restart.
+
+    torchrun's agent serves one TCPStore for the whole job and keeps it across restarts
+    (TORCHELASTIC_USE_AGENT_STORE), so without a namespace of its own a restarted incarnation can read
+    its dead predecessor's Gloo addresses and fail to connect ("Connection refused") or hang.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                          is_master=hosts_store, timeout=timeout, wait_for_workers=False)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"pyparallel/restart{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout)
 
 
 if __name__ == "__main__":

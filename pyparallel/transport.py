@@ -99,7 +99,7 @@ class _GroupResources:
     def __init__(self, group: dist.ProcessGroup):
         self.group = weakref.ref(group)  # never keeps the group alive (Note [Group lifetimes], comm.py)
         self.name = group.group_name
-        self.store = dist.distributed_c10d._world.pg_map[group][1]
+        self.store = _store_of(group)
         self.timeout = _group_timeout(group)
         self.rank, self.size = group.rank(), group.size()
         # Every rank adds once per incarnation of the group, so a re-created group with the same name
@@ -213,6 +213,30 @@ def _group_timeout(group: dist.ProcessGroup) -> datetime.timedelta:
 
 _resources: dict[str, _GroupResources] = {}
 _resources_lock = threading.Lock()
+# Stores of groups built outside torch.distributed's registry (torchft's per-quorum groups, see
+# pyparallel.fault_tolerance), by group name: the transports exchange host identities through them.
+_adopted_stores: dict[str, dist.Store] = {}
+
+
+def adopt(group: dist.ProcessGroup, store: dist.Store) -> None:
+    """Lets the transports use ``group``, which ``torch.distributed`` does not know (it was not made by
+    ``init_process_group`` / ``new_group``), with ``store`` as its rendezvous store. ``group`` must be
+    registered under its name with c10d (our C++ collectives find groups by name); :func:`release`
+    forgets it."""
+    with _resources_lock:
+        _adopted_stores[group.group_name] = store
+
+
+def _store_of(group: dist.ProcessGroup) -> dist.Store:
+    entry = dist.distributed_c10d._world.pg_map.get(group)
+    if entry is not None:
+        return entry[1]
+    store = _adopted_stores.get(group.group_name)
+    if store is None:
+        raise ValueError(f"process group '{group.group_name}' was not made by torch.distributed "
+                         "(init_process_group / new_group), so pyparallel cannot find its store; "
+                         "register it with pyparallel.transport.adopt(group, store)")
+    return store
 
 
 def resources(group: dist.ProcessGroup) -> _GroupResources:
@@ -240,6 +264,7 @@ def release_name(name: str) -> None:
     its failure state); called by :mod:`pyparallel.comm` when the group is released or gone."""
     with _resources_lock:
         res = _resources.pop(name, None)
+        _adopted_stores.pop(name, None)
     if res is not None:
         res.release()
     else:

@@ -199,9 +199,9 @@ def _topk_residual_requires_grad():
     return {"message": message, "untouched": t.tolist() == [1.0] * 10 and not bool(residual.detach().any())}
 
 
-def _train_resume_past_the_end(prefix):
-    args = train_cli.parser().parse_args(["--transport", "ring", "--epochs", "3", "--resume", prefix,
-                                          "--no-progress", "--hidden", "8"])
+def _train_resume_past_the_end(directory, save):
+    args = train_cli.parser().parse_args(["--transport", "ring", "--epochs", "1", "--no-progress", "--hidden", "8",
+                                          "--checkpoint" if save else "--resume", directory])
     try:
         train_cli.run(args)
     except ValueError as e:
@@ -346,17 +346,16 @@ def test_train_rejects_bad_arguments(argv, expect, capsys):
 
 
 def test_train_rejects_resuming_past_the_last_epoch(tmp_path, capsys, dist_pool):
-    prefix = str(tmp_path / "ckpt")
-    for rank in range(2):
-        torch.save({"epoch": 3, "step": 99}, f"{prefix}.rank{rank}.pt")
+    directory = str(tmp_path / "ckpt")
+    assert dist_pool(2).run(_train_resume_past_the_end, directory, True) == [None, None]  # one epoch, saved
     with pytest.raises(SystemExit) as exc:  # the --nproc launcher checks before it starts any rank
-        train_cli.main(["--nproc", "2", "--epochs", "3", "--resume", prefix, "--no-progress"])
+        train_cli.main(["--nproc", "2", "--epochs", "1", "--resume", directory, "--no-progress"])
     assert exc.value.code == 2
-    assert "--resume: the checkpoint is at epoch 3 of 3: nothing left to train" in capsys.readouterr().err
+    assert "--resume: the checkpoint is at step 22 (epoch 1 of 1): nothing left to train" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         train_cli.main(["--nproc", "2", "--resume", str(tmp_path / "missing"), "--no-progress"])
-    assert "no checkpoint" in capsys.readouterr().err
-    for msg in dist_pool(2).run(_train_resume_past_the_end, prefix):  # under torchrun: every rank raises
+    assert "no complete checkpoint" in capsys.readouterr().err
+    for msg in dist_pool(2).run(_train_resume_past_the_end, directory, False):  # under torchrun: every rank raises
         assert msg is not None and "nothing left to train" in msg, msg
 
 

@@ -1,0 +1,300 @@
+"""Fault-tolerant data parallelism on torchft: pyparallel's hooks and transports inside torchft's quorums.
+
+torchft (a PyTorch project) keeps training going when a replica dies: a lighthouse server forms a quorum
+of live replicas before every step, each replica's :class:`torchft.Manager` reconfigures a process group
+over the quorum, a step in which a collective failed is discarded (the optimizer does not step), and a
+replica that (re)joins heals by fetching a live peer's state over HTTP. This module plugs our pieces in:
+
+* :class:`ManagedGroup`: torchft's reconfigurable Gloo group. Every quorum gets a new plain c10d group
+  (torchft's wrapper is a Python object that our C++ collectives cannot use); we register that group
+  under a name of its own, so ``pyparallel.all_reduce`` and the hooks run on it with any transport, and
+  release everything pyparallel held for the previous quorum's group (worker thread, shared memory,
+  collective counters, failure state) when torchft replaces it.
+* :func:`managed_hook` / :class:`ManagedHookState`: any DDP-style hook of :mod:`pyparallel.hooks`
+  (int8, top-k, ...) run on the quorum's current group; an error (a dead peer, a timeout) is reported
+  to the manager, so the step is discarded instead of crashing the replica.
+* :class:`TrainingState`: what a healing replica receives from a live peer: the model, the optimizer,
+  the hook state (counters, iteration, warm-up progress, ...) and the user's extras. Error-feedback
+  residuals are per-replica memories of gradient that replica did not send, so a healed replica starts
+  with zero residuals rather than a copy of its donor's (a copy would send the donor's unsent gradient
+  twice); everything else is copied.
+* :func:`make_manager`: a Manager with the settings this module relies on (synchronous quorum: a
+  healing replica loads its donor's state before the step's forward pass and takes part in the step,
+  so every replica runs the same hooks with the same hook state).
+
+Example (one process per replica; ``torchft_lighthouse --min_replicas 1`` running at ``addr``)::
+
+    group = fault_tolerance.ManagedGroup(timeout=timedelta(seconds=10))
+    training = fault_tolerance.TrainingState(net, inner_optimizer, hooks.Int8State())
+    manager = fault_tolerance.make_manager(group, training, lighthouse=addr, replica_id="replica0")
+    model = fault_tolerance.data_parallel(manager, group, net, hooks.int8_hook, training.hook_state)
+    optimizer = torchft.Optimizer(manager, inner_optimizer)
+    while manager.current_step() < total_steps:
+        optimizer.zero_grad()                 # quorum; reconfigures the group; heals this replica if behind
+        rank, n = manager.participating_rank(), manager.num_participants()
+        loss_fn(model(x[rank::n]), y[rank::n]).backward()
+        optimizer.step()                      # steps only if every replica's collectives succeeded
+"""
+
+# No `from __future__ import annotations`: DDP's register_comm_hook checks managed_hook's annotation objects.
+import datetime
+import socket
+import threading
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import comm
+from . import transport as _transport
+from .data_parallel import DataParallel
+
+try:
+    import torchft
+    from torchft.process_group import ProcessGroupDummy, ProcessGroupGloo
+except ImportError as exc:  # torchft is optional: only this module needs it
+    raise ImportError(f"pyparallel.fault_tolerance needs torchft ({exc}); `pip install torchft`") from exc
+
+
+class ManagedGroup(ProcessGroupGloo):
+    """torchft's reconfigurable Gloo process group, usable by pyparallel's collectives.
+
+    torchft calls :meth:`configure` on every quorum change; the group of the new quorum is a plain c10d
+    ``ProcessGroup`` with a Gloo backend. We name it after the quorum (``pyparallel-ft/quorum<id>/rank<r>``,
+    the same on every member), register it with c10d (our C++ ops find groups by name) and with
+    :mod:`pyparallel.transport` (with its store, for the shared-memory transport), and release the
+    previous quorum's group first, so no collective counter, failure mark, worker thread or shared-memory
+    segment of a dead quorum leaks into the next one.
+
+    Args:
+        timeout: timeout of the group's operations and store (a dead peer that does not close its
+            connections is noticed after this long).
+    """
+
+    def __init__(self, timeout: datetime.timedelta = datetime.timedelta(seconds=60)):
+        super().__init__(timeout=timeout)
+        self._current: dist.ProcessGroup | None = None
+        self._current_lock = threading.Lock()
+        self.generations = 0  # groups created so far (one per quorum change)
+
+    def _create_pg(self, store: dist.Store, rank: int, world_size: int) -> dist.ProcessGroup:
+        pg = super()._create_pg(store, rank, world_size)
+        # The same name on every member (the transports key their store exchanges by it); unique in this
+        # process as long as the previous group is released first, which configure() does.
+        name = f"pyparallel-ft/quorum{self._quorum_id}/rank{self._group_rank or 0}"
+        pg._set_group_name(name)
+        torch._C._distributed_c10d._register_process_group(name, pg)
+        _transport.adopt(pg, store)
+        with self._current_lock:
+            self._current = pg
+            self.generations += 1
+        return pg
+
+    def configure(self, *args, **kwargs) -> None:
+        self._release_current()  # before torchft drops it: our worker thread may still hold its name
+        super().configure(*args, **kwargs)
+
+    def current(self) -> dist.ProcessGroup:
+        """The plain c10d group of the current quorum (pass it to ``pyparallel.all_reduce``)."""
+        with self._current_lock:
+            if self._current is None:
+                raise RuntimeError("ManagedGroup: no quorum yet (the manager configures the group in start_quorum)")
+            return self._current
+
+    def _release_current(self) -> None:
+        with self._current_lock:
+            pg, self._current = self._current, None
+        if pg is not None:
+            comm.release(pg)  # waits for our queued collectives on it (each bounded by the group's timeout)
+            torch._C._distributed_c10d._unregister_process_group(pg.group_name)
+
+    def shutdown(self) -> None:
+        self._release_current()
+        super().shutdown()
+
+
+class ManagedHookState:
+    """State of :func:`managed_hook`: the manager, the group it configures, and the hook it runs.
+
+    Args:
+        manager: the replica's :class:`torchft.Manager`.
+        group: the :class:`ManagedGroup` the manager was built with.
+        hook: a hook with DDP's signature, e.g. :func:`pyparallel.hooks.int8_hook`.
+        hook_state: its state; its ``process_group`` is set to the quorum's group before every call.
+    """
+
+    __slots__ = ("manager", "group", "hook", "hook_state")
+
+    def __init__(self, manager: torchft.Manager, group: ManagedGroup, hook, hook_state):
+        if not isinstance(group, ManagedGroup):
+            raise TypeError(f"ManagedHookState: group must be a pyparallel.fault_tolerance.ManagedGroup, got "
+                            f"{type(group).__name__}")
+        self.manager, self.group, self.hook, self.hook_state = manager, group, hook, hook_state
+
+
+def _completed(tensor: torch.Tensor) -> torch.futures.Future:
+    fut = torch.futures.Future()
+    fut.set_result(tensor)
+    return fut
+
+
+def managed_hook(state: ManagedHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Runs ``state.hook`` on the quorum's current group, averaging over the replicas that take part.
+
+    Errors never propagate: they are reported to the manager (which then discards the step in
+    ``should_commit``) and the future completes with the bucket unchanged. Once the step has failed,
+    later buckets skip communication altogether, as torchft's own ``Manager.allreduce`` does.
+    """
+    manager, buffer = state.manager, bucket.buffer()
+    if manager.errored():
+        return _completed(buffer)
+    try:
+        manager.wait_quorum()
+        participants = manager.num_participants()
+        group = state.group.current()
+        if not manager.is_participating():  # a spare (FIXED_WITH_SPARES): contributes nothing
+            buffer.zero_()
+        state.hook_state.process_group = group
+        fut = state.hook(state.hook_state, bucket)
+    except Exception as exc:  # noqa: BLE001 (every failure of the step goes to the manager)
+        manager.report_error(exc)
+        return _completed(buffer)
+    if participants != group.size():
+        # The hook averaged over every member of the group, non-participants' zeros included.
+        scale = group.size() / participants
+
+        def rescale(f: torch.futures.Future) -> torch.Tensor:
+            return f.value().mul_(scale)
+
+        fut = fut.then(rescale)
+    return manager.wrap_future(fut, buffer)
+
+
+def data_parallel(manager: torchft.Manager, group: ManagedGroup, module: nn.Module, hook, hook_state,
+                  wrapper: str = "pyparallel", bucket_cap_mb: float = 25) -> nn.Module:
+    """``module`` wrapped so that backward averages gradients over the quorum with ``hook``.
+
+    Args:
+        wrapper: ``"pyparallel"`` (:class:`pyparallel.DataParallel` over this process's default group,
+            which holds this replica's ranks: one rank per replica means a group of one) or ``"torch"``
+            (torch's DistributedDataParallel, built as torchft builds it: a dummy group for its start-up
+            broadcast, and ``find_unused_parameters=True``, which stops DDP from rebuilding its buckets
+            after the first step, so the bucket layout, and with it the hook state keyed by bucket, is
+            the same on a healed replica as on its peers).
+    """
+    state = ManagedHookState(manager, group, hook, hook_state)
+    if wrapper == "pyparallel":
+        if dist.is_initialized() and dist.get_world_size() != 1:
+            raise ValueError("fault_tolerance.data_parallel: one rank per replica is supported (the default "
+                             f"group of this process has {dist.get_world_size()} ranks)")
+        if not dist.is_initialized():
+            raise RuntimeError("fault_tolerance.data_parallel: initialize this replica's own process group first "
+                               "(world size 1, e.g. dist.init_process_group('gloo', store=..., rank=0, world_size=1))")
+        return DataParallel(module, bucket_cap_mb=bucket_cap_mb, comm_hook=managed_hook, hook_state=state)
+    if wrapper == "torch":
+        ddp = nn.parallel.DistributedDataParallel(module, process_group=ProcessGroupDummy(0, 1),
+                                                  find_unused_parameters=True, bucket_cap_mb=bucket_cap_mb)
+        ddp.register_comm_hook(state, managed_hook)
+        return ddp
+    raise ValueError(f"fault_tolerance.data_parallel: wrapper must be 'pyparallel' or 'torch', got {wrapper!r}")
+
+
+class TrainingState:
+    """Everything a healing replica needs from a live peer: registered with the manager by
+    :func:`make_manager`, sent by a donor at quorum time and loaded by the healing replica before its
+    first step.
+
+    Args:
+        module: the model.
+        optimizer: the inner optimizer (not torchft's wrapper).
+        hook_state: the communication hook's state (:mod:`pyparallel.hooks`); its ``state_dict()`` is
+            copied, except error-feedback residuals (attributes named ``residuals``), which a healed
+            replica starts at zero: they hold the gradient its own earlier steps did not send.
+        extra: optional ``(state_dict, load_state_dict)`` pair for anything else (data position, RNG).
+    """
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, hook_state=None, extra=None):
+        self.module, self.optimizer, self.hook_state, self.extra = module, optimizer, hook_state, extra
+        self.heals = 0
+
+    def state_dict(self) -> dict:
+        out = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.hook_state is not None:
+            out["hook"] = self.hook_state.state_dict()
+        if self.extra is not None:
+            out["extra"] = self.extra[0]()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.hook_state is not None:
+            if "hook" not in state:
+                raise ValueError("TrainingState: the donor sent no hook state, but this replica has one")
+            self.hook_state.load_state_dict(state["hook"])
+            residuals = getattr(self.hook_state, "residuals", None)
+            if isinstance(residuals, dict):
+                for r in residuals.values():
+                    r.zero_()
+        if self.extra is not None:
+            self.extra[1](state["extra"])
+        self.heals += 1
+
+
+def make_manager(group: ManagedGroup, training: TrainingState, *, lighthouse: str, replica_id: str,
+                 min_replicas: int = 1, timeout: datetime.timedelta = datetime.timedelta(seconds=60),
+                 quorum_timeout: datetime.timedelta | None = None, store: dist.TCPStore | None = None,
+                 store_host: str | None = None, init_sync: bool = True,
+                 max_failed_steps: int | None = 10) -> torchft.Manager:
+    """A :class:`torchft.Manager` for this replica (one rank), with ``training`` as the state a healing
+    peer gets.
+
+    Args:
+        group: the replica's :class:`ManagedGroup`.
+        lighthouse: the lighthouse's address (``http://host:port``).
+        replica_id: a name for this replica, the same across its restarts (torchft appends a uuid).
+        min_replicas: steps commit only with at least this many replicas in the quorum.
+        timeout: collectives, commit votes and checkpoint transfers fail after this long.
+        quorum_timeout: how long a quorum may take (default: ``timeout``).
+        store: this replica's TCPStore (default: a new one on a free port, hosted here). The quorum's
+            process group rendezvouses through one replica's store.
+        store_host: the name other replicas reach ``store`` by (default: this host's name).
+        init_sync: heal every replica from one peer at step 0 (keep it unless every replica builds
+            bitwise-identical initial state).
+        max_failed_steps: raise (ending the replica, which its launcher may restart) after this many
+            discarded steps in a row; None retries forever.
+
+    The quorum is synchronous (``use_async_quorum=False``): a replica that must heal loads its donor's
+    state before the forward pass and takes part in that very step, so its hook runs with the same hook
+    state as its peers' (with torchft's asynchronous quorum a healing replica sits out a step that its
+    hook state would then miss).
+    """
+    store_host = store_host or socket.gethostname()
+    if store is None:
+        store = dist.TCPStore(store_host, 0, is_master=True, wait_for_workers=False, timeout=timeout)
+    manager = torchft.Manager(
+        pg=group, load_state_dict=None, state_dict=None, min_replica_size=min_replicas,
+        use_async_quorum=False, timeout=timeout, quorum_timeout=quorum_timeout or timeout,
+        connect_timeout=timeout, rank=0, world_size=1, store_addr=store_host,
+        store_port=store.port, lighthouse_addr=lighthouse, replica_id=replica_id, init_sync=init_sync,
+        max_retries=max_failed_steps)
+    manager.register_state_dict_fn("pyparallel", training.load_state_dict, training.state_dict)
+    manager._pyparallel_store = store  # the manager's servers talk to it: it must live as long
+    return manager
+
+
+def start_lighthouse(min_replicas: int = 1, bind: str = "[::]:0", join_timeout_ms: int = 1000,
+                     heartbeat_timeout_ms: int = 2000):
+    """Starts a torchft lighthouse in this process; returns the server (``.address()``, ``.shutdown()``).
+
+    Args:
+        join_timeout_ms: how long a quorum waits for replicas that heartbeat but have not asked to join:
+            after a replica dies, the survivors' next quorum forms once this has passed (the dead
+            replica still counts as heartbeating for ``heartbeat_timeout_ms``), so it sets their stall.
+            Too short, and a replica that is merely slower than its peers drops out of quorums.
+        heartbeat_timeout_ms: a replica silent this long is dead.
+    """
+    from torchft.coordination import LighthouseServer
+
+    return LighthouseServer(bind=bind, min_replicas=min_replicas, join_timeout_ms=join_timeout_ms,
+                            heartbeat_timeout_ms=heartbeat_timeout_ms)

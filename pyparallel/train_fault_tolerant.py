@@ -1,0 +1,387 @@
+"""``python -m pyparallel.train --fault-tolerant --replicas N``: replicas that survive each other's deaths.
+
+The launcher (:func:`launch`) starts a torchft lighthouse (unless ``--lighthouse`` names one), starts N
+replica processes (one rank each) and restarts a replica process that dies, up to ``--max-restarts``
+times per replica; a restarted replica rejoins the next quorum and heals from a live peer. The launcher
+exits 0 once training is complete (every replica still running finished) and ``--json`` records the
+test accuracy, the replicas that took part in every step and the longest stall.
+
+A replica (:func:`replica_main`) trains the digits classifier under a :class:`torchft.Manager` with one of
+pyparallel's hooks (:mod:`pyparallel.fault_tolerance`). Step s (counted in committed steps, which a healed
+replica takes over from its donor) reads the s-th global batch of ``--batch-size`` x ``--replicas``
+samples; the n replicas of the step's quorum split it, so the data schedule does not depend on who is
+alive, and training ends after the same number of steps however many replicas died on the way.
+
+Fault injection: ``--kill-at-step S --kill-replica R`` makes replica R SIGKILL itself in step S (after
+its forward pass, while its peers wait in the step's collectives), once (its first incarnation).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+_EXIT_GRACE_S = 30.0  # once a replica finished, how long the others get to finish too
+
+
+def add_arguments(p) -> None:
+    """The command-line options of fault-tolerant training (added to pyparallel.train's parser)."""
+    g = p.add_argument_group("fault tolerance")
+    g.add_argument("--fault-tolerant", action="store_true",
+                   help="train with --replicas replica processes under torchft managers (one rank each)")
+    g.add_argument("--replicas", type=int, default=3, help="replica processes to start")
+    g.add_argument("--lighthouse", metavar="ADDR", help="torchft lighthouse to use (default: start one)")
+    g.add_argument("--min-replicas", type=int, default=1, help="a step commits only with this many replicas")
+    g.add_argument("--max-restarts", type=int, default=3, help="restarts of each replica process")
+    g.add_argument("--log-dir", metavar="DIR",
+                   help="replica logs, step logs and final parameters (default: a new directory under /tmp)")
+    g.add_argument("--kill-at-step", type=int, default=None,
+                   help="fault injection: SIGKILL a replica (or a rank, first incarnation only) in this step")
+    g.add_argument("--kill-replica", "--kill-rank", dest="kill_replica", type=int, default=0,
+                   help="fault injection: the replica (--fault-tolerant) or rank (torchrun) to kill")
+
+
+def check_arguments(args) -> None:
+    if args.replicas < 1:
+        raise SystemExit(f"pyparallel.train: --replicas must be >= 1, got {args.replicas}")
+    if not 1 <= args.min_replicas <= args.replicas:
+        raise SystemExit(f"pyparallel.train: --min-replicas must be in [1, --replicas={args.replicas}], "
+                         f"got {args.min_replicas}")
+    if args.max_restarts < 0:
+        raise SystemExit(f"pyparallel.train: --max-restarts must be >= 0, got {args.max_restarts}")
+    if args.kill_at_step is not None and not 0 <= args.kill_replica < args.replicas:
+        raise SystemExit(f"pyparallel.train: --kill-replica must be in [0, {args.replicas}), got {args.kill_replica}")
+
+
+# ---- launcher ----
+
+class _Replica:
+    """One replica slot: its current process (forked from a server that has torch imported already, so
+    a restart takes about a second, not the many seconds of a cold start) and its history."""
+
+    def __init__(self, index: int, args, context):
+        self.index, self.args, self.context = index, args, context
+        self.run_dir = args.ft_run_dir
+        self.incarnation = -1
+        self.proc = None
+        self.exits: list[int] = []
+
+    def start(self) -> None:
+        self.incarnation += 1
+        args = copy.copy(self.args)
+        args.ft_replica_index, args.ft_incarnation = self.index, self.incarnation
+        log = os.path.join(self.run_dir, f"replica{self.index}.log")
+        self.proc = self.context.Process(target=_replica_entry, args=(args, log),
+                                         name=f"pyparallel-replica{self.index}")
+        self.proc.start()
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join()
+
+    def stepped(self) -> bool:
+        """Whether the current incarnation has taken part in a step."""
+        try:
+            with open(os.path.join(self.run_dir, f"replica{self.index}.steps.jsonl")) as f:
+                return any(json.loads(line)["incarnation"] == self.incarnation for line in f if line.strip())
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(os.path.join(self.run_dir, f"replica{self.index}.log"), errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _replica_entry(args, log: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    replica_main(args)
+
+
+def _exit_text(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit status {rc}"
+
+
+def launch(args) -> dict:
+    """Runs the lighthouse (unless given), the replicas and their restarts; returns the run's summary."""
+    check_arguments(args)
+    # torchft's servers log every quorum at INFO; its Rust logger reads this when torchft is imported.
+    os.environ.setdefault("RUST_LOG", "warn")
+    from .fault_tolerance import start_lighthouse
+
+    lighthouse = None
+    address = args.lighthouse
+    if address is None:
+        lighthouse = start_lighthouse(min_replicas=args.min_replicas)
+        address = lighthouse.address()
+    args = copy.copy(args)
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
+    args.lighthouse, args.ft_run_dir = address, args.log_dir or tempfile.mkdtemp(prefix="pyparallel-ft-")
+    run_dir = args.ft_run_dir
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["pyparallel.train", "pyparallel.fault_tolerance"])
+    replicas = [_Replica(i, args, context) for i in range(args.replicas)]
+    say = (lambda msg: print(f"pyparallel.train: {msg}", file=sys.stderr, flush=True))
+    say(f"lighthouse {address}, {args.replicas} replicas, logs in {run_dir}")
+    t_start = time.time()
+    finished_at = None
+    failed = None
+
+    def interrupted(signum, frame):
+        raise SystemExit(f"pyparallel.train: interrupted by {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for r in replicas:
+            r.start()
+        running = set(range(args.replicas))
+        while running:
+            time.sleep(0.05)
+            for r in [replicas[i] for i in sorted(running)]:
+                rc = r.poll()
+                if rc is None:
+                    continue
+                r.exits.append(rc)
+                if rc == 0:
+                    running.discard(r.index)
+                    finished_at = finished_at or time.time()
+                    continue
+                say(f"replica {r.index} (incarnation {r.incarnation}) {_exit_text(rc)} "
+                    f"after {time.time() - t_start:.1f} s")
+                if finished_at is not None:
+                    running.discard(r.index)  # training is complete: nothing to rejoin
+                elif r.incarnation < args.max_restarts:
+                    r.start()
+                    say(f"replica {r.index} restarted (restart {r.incarnation} of at most {args.max_restarts})")
+                else:  # the others may still finish without it
+                    say(f"replica {r.index} is not restarted again (--max-restarts {args.max_restarts})")
+                    running.discard(r.index)
+                    if not running:
+                        failed = f"every replica died; the last one ({_exit_text(rc)}):\n{r.log_tail()}"
+            if finished_at is not None:  # training is complete: a restarted replica has nothing to rejoin
+                for i in sorted(running):
+                    if replicas[i].incarnation > 0 and not replicas[i].stepped():
+                        replicas[i].kill()
+                        running.discard(i)
+                        say(f"replica {i} stopped: training completed before it rejoined")
+            if running and finished_at is not None and time.time() - finished_at > _EXIT_GRACE_S:
+                failed = (f"replicas {sorted(running)} did not finish within {_EXIT_GRACE_S:.0f} s of the first "
+                          "finished replica:\n" + "\n".join(replicas[i].log_tail() for i in sorted(running)))
+                break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for r in replicas:
+            r.kill()
+        if lighthouse is not None:
+            lighthouse.shutdown()
+    if failed:
+        raise SystemExit(f"pyparallel.train: fault-tolerant training failed: {failed}")
+    summary = collect(run_dir, replicas, time.time() - t_start)
+    return summary
+
+
+def collect(run_dir: str, replicas: list[_Replica], seconds: float) -> dict:
+    """The run's summary from the replicas' step logs and final states."""
+    finals, events = {}, []
+    for r in replicas:
+        path = os.path.join(run_dir, f"replica{r.index}.final.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                finals[r.index] = json.load(f)
+        log = os.path.join(run_dir, f"replica{r.index}.steps.jsonl")
+        if os.path.exists(log):
+            with open(log) as f:
+                events += [dict(json.loads(line), replica=r.index) for line in f if line.strip()]
+    if not finals:
+        raise SystemExit(f"pyparallel.train: no replica finished (logs in {run_dir})")
+    committed = sorted({(e["step"], e["participants"]) for e in events if e["committed"]})
+    participants = {}
+    for step, n in committed:
+        participants[step] = max(n, participants.get(step, 0))
+    # Stall: the longest wall-clock gap between two consecutive committed steps of one replica incarnation.
+    stall, stall_at = 0.0, None
+    by_life: dict = {}
+    for e in events:
+        if e["committed"]:
+            by_life.setdefault((e["replica"], e["incarnation"]), []).append((e["step"], e["end"]))
+    for life in by_life.values():
+        life.sort()
+        for (s0, t0), (s1, t1) in zip(life, life[1:]):
+            if t1 - t0 > stall:
+                stall, stall_at = t1 - t0, s1
+    rejoined = {}
+    for (replica, incarnation), life in by_life.items():
+        if incarnation > 0:
+            rejoined.setdefault(replica, []).append(life[0][0])
+    digests = {i: f["parameter_digest"] for i, f in finals.items()}
+    first = finals[min(finals)]
+    return {
+        "replicas": len(replicas), "hook": first["hook"], "steps": first["steps"],
+        "test_accuracy": first["test_accuracy"],
+        "test_accuracy_by_replica": {i: f["test_accuracy"] for i, f in finals.items()},
+        "parameters_equal": len(set(digests.values())) == 1, "parameter_digests": digests,
+        "restarts": {r.index: r.incarnation for r in replicas},
+        "heals": {i: f["heals"] for i, f in finals.items()},
+        "rejoined_at_step": rejoined,
+        "participants_per_step": [participants[s] for s in sorted(participants)],
+        "longest_stall_s": stall, "longest_stall_step": stall_at,
+        "seconds": seconds, "run_dir": run_dir,
+        "steps_log": [{k: e[k] for k in ("replica", "incarnation", "step", "committed", "participants", "start",
+                                         "end")} for e in sorted(events, key=lambda e: e["end"])],
+    }
+
+
+def summary_text(s: dict) -> str:
+    n = s["participants_per_step"]
+    full = sum(1 for p in n if p == s["replicas"])
+    return (f"pyparallel.train: fault-tolerant, {s['replicas']} replicas, {s['hook']} hook, {s['steps']} steps "
+            f"in {s['seconds']:.1f} s\n"
+            f"  test accuracy      {100 * s['test_accuracy']:.2f}% (replica 0), parameters equal on every "
+            f"finished replica: {s['parameters_equal']}\n"
+            f"  participants       {full} of {len(n)} steps with all {s['replicas']}, fewest {min(n) if n else 0}\n"
+            f"  restarts           {s['restarts']}, heals {s['heals']}, restarted replicas rejoined at steps "
+            f"{s['rejoined_at_step']}\n"
+            f"  longest stall      {s['longest_stall_s']:.2f} s (before step {s['longest_stall_step']})")
+
+
+# ---- one replica ----
+
+def _wait_for_peers(run_dir: str, index: int, replicas: int, timeout_s: float) -> None:
+    """First incarnations start together, so the first quorum holds every replica (a replica that comes
+    later joins and heals, which is what restarts exercise; at start-up it would only blur the run)."""
+    open(os.path.join(run_dir, f"ready{index}"), "w").close()
+    deadline = time.monotonic() + timeout_s
+    while not all(os.path.exists(os.path.join(run_dir, f"ready{i}")) for i in range(replicas)):
+        if time.monotonic() > deadline:
+            return  # the launcher reports a replica that never came up
+        time.sleep(0.02)
+
+
+def _die_with_launcher() -> None:
+    """A replica gets SIGKILL when its parent dies, however it dies (Linux's parent-death signal). The
+    parent is the launcher's fork server, which exits when the launcher does."""
+    launcher = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != launcher:  # it died before the call
+        os._exit(1)
+
+
+def _note(msg: str) -> None:
+    print(f"[{datetime.datetime.now().isoformat(timespec='milliseconds')}] {msg}", flush=True)
+
+
+def replica_main(args) -> None:
+    """One replica process: trains until the committed step count reaches the run's total."""
+    import torchft
+
+    from . import fault_tolerance as ft
+    from .train import HOOKS, evaluate, load_digits_split, make_model, parameter_digest
+
+    _die_with_launcher()
+    index, run_dir, incarnation = args.ft_replica_index, args.ft_run_dir, args.ft_incarnation
+    _note(f"replica {index} incarnation {incarnation} started")
+    torch.set_num_threads(args.threads or 1)
+    timeout = datetime.timedelta(seconds=args.timeout)
+    # This replica's own group (one rank): pyparallel.DataParallel needs a default group to exist.
+    store = dist.TCPStore(socket.gethostname(), 0, is_master=True, wait_for_workers=False, timeout=timeout)
+    dist.init_process_group("gloo", store=dist.PrefixStore("replica", store), rank=0, world_size=1, timeout=timeout)
+
+    x_train, y_train, x_test, y_test = load_digits_split(args.seed)
+    model = make_model(args.hidden, args.layers, args.seed)
+    hook, make_state = HOOKS[args.hook]
+    hook_state = make_state(args)
+    inner = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    training = ft.TrainingState(model, inner, hook_state)
+    group = ft.ManagedGroup(timeout=timeout)
+    manager = ft.make_manager(group, training, lighthouse=args.lighthouse, replica_id=f"replica{index}",
+                              min_replicas=args.min_replicas, timeout=timeout, store=store)
+    wrapped = ft.data_parallel(manager, group, model, hook, hook_state, wrapper=args.ddp,
+                               bucket_cap_mb=args.bucket_cap_mb)
+    optimizer = torchft.Optimizer(manager, inner)
+    _note("manager up")
+
+    global_batch = args.batch_size * args.replicas
+    steps_per_epoch = len(x_train) // global_batch
+    total = args.epochs * steps_per_epoch
+    if args.max_steps is not None:
+        total = min(total, args.max_steps)
+    loss_fn = nn.CrossEntropyLoss()
+    if incarnation == 0:
+        _wait_for_peers(run_dir, index, args.replicas, args.timeout)
+    stepped = False
+    with open(os.path.join(run_dir, f"replica{index}.steps.jsonl"), "a") as log:
+        while manager.current_step() < total:
+            start = time.time()
+            optimizer.zero_grad(set_to_none=True)  # quorum: reconfigures the group, heals if behind
+            step = manager.current_step()
+            if step >= total:  # healed to the end: the peers finished meanwhile
+                break
+            if not stepped:
+                _note(f"first quorum: step {step}, {manager.num_participants()} replicas, heals {training.heals}")
+                stepped = True
+            rank, n = manager.participating_rank(), manager.num_participants()
+            epoch, s = divmod(step, steps_per_epoch)
+            perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+            idx = perm[s * global_batch:(s + 1) * global_batch][rank::n]
+            loss = loss_fn(wrapped(x_train[idx]), y_train[idx])
+            if args.kill_at_step == step and args.kill_replica == index and incarnation == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+            loss.backward()
+            optimizer.step()  # only if every replica of the quorum succeeded
+            committed = manager.current_step() > step
+            log.write(json.dumps({"incarnation": incarnation, "step": step, "committed": committed,
+                                  "participants": n, "rank": rank, "quorum": manager._quorum_id,
+                                  "loss": loss.item(), "start": start, "end": time.time()}) + "\n")
+            log.flush()
+    accuracy = evaluate(model, x_test, y_test, torch.device("cpu"))
+    digest = parameter_digest(model)
+    with open(os.path.join(run_dir, f"replica{index}.final.json"), "w") as f:
+        json.dump({"hook": args.hook, "steps": manager.current_step(), "test_accuracy": accuracy,
+                   "heals": training.heals, "incarnation": incarnation, "parameter_digest": digest,
+                   "group_generations": group.generations}, f)
+    torch.save([p.detach().clone() for p in model.parameters()],
+               os.path.join(run_dir, f"replica{index}.params.pt"))
+    manager.shutdown(wait=False)
+    group.shutdown()
+    dist.destroy_process_group()
+
+
+def main(args) -> None:
+    summary = launch(args)
+    print(summary_text(summary), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)

@@ -1,0 +1,262 @@
+"""Fault-tolerant training on torchft: our hooks and transports on torchft's per-quorum groups, errors
+reported to the manager, healing state, and whole runs in which a replica is SIGKILLed."""
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("torchft")
+
+import pyparallel  # noqa: E402
+from pyparallel import fault_tolerance as ft  # noqa: E402
+from pyparallel import hooks, transport  # noqa: E402
+from pyparallel.grad_bucket import Bucket  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- the hook's contract with the manager (no servers needed) ----
+
+class FakeManager:
+    """The part of torchft.Manager that managed_hook uses."""
+
+    def __init__(self, participants=1, participating=True):
+        self.errors, self.participants, self.participating = [], participants, participating
+
+    def errored(self):
+        return self.errors[-1] if self.errors else None
+
+    def wait_quorum(self):
+        pass
+
+    def num_participants(self):
+        return self.participants
+
+    def is_participating(self):
+        return self.participating
+
+    def report_error(self, exc):
+        self.errors.append(exc)
+
+    def wrap_future(self, fut, default):
+        def swallow(f):
+            try:
+                return f.value()
+            except Exception as exc:  # noqa: BLE001
+                self.report_error(exc)
+                return default
+
+        return fut.then(swallow)
+
+
+class OneRank:
+    def size(self):
+        return 1
+
+
+class FakeGroup(ft.ManagedGroup):
+    def __init__(self, current):
+        super().__init__()
+        self._current = current
+
+
+def _bucket(n=10):
+    return Bucket(0, torch.arange(n, dtype=torch.float32), [torch.zeros(n)], is_last=True)
+
+
+def test_hook_errors_are_reported_not_raised():
+    manager = FakeManager()
+
+    def raising_hook(state, bucket):
+        raise RuntimeError("peer died")
+
+    bucket = _bucket()
+    state = ft.ManagedHookState(manager, FakeGroup(OneRank()), raising_hook, hooks.HookState())
+    assert ft.managed_hook(state, bucket).wait() is bucket.buffer()
+    assert [str(e) for e in manager.errors] == ["peer died"]
+
+    def failing_future_hook(state, bucket):
+        fut = torch.futures.Future()
+        fut.set_exception(RuntimeError("connection reset"))
+        return fut
+
+    manager = FakeManager()
+    state = ft.ManagedHookState(manager, FakeGroup(OneRank()), failing_future_hook, hooks.HookState())
+    assert ft.managed_hook(state, bucket).wait() is bucket.buffer()
+    assert [str(e) for e in manager.errors] == ["connection reset"]
+
+    calls = []  # once the step failed, later buckets do not communicate at all
+    state = ft.ManagedHookState(manager, FakeGroup(OneRank()), lambda s, b: calls.append(b), hooks.HookState())
+    assert ft.managed_hook(state, bucket).wait() is bucket.buffer() and calls == []
+
+
+def test_hook_runs_on_the_current_group_and_rescales_for_non_participants():
+    class Group:
+        def size(self):
+            return 4
+
+    group = Group()
+    seen = []
+
+    def hook(state, bucket):
+        seen.append(state.process_group)
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer().clone())
+        return fut
+
+    state = ft.ManagedHookState(FakeManager(participants=2), FakeGroup(group), hook, hooks.HookState())
+    bucket = _bucket()
+    out = ft.managed_hook(state, bucket).wait()
+    assert seen == [group] and torch.equal(out, torch.arange(10, dtype=torch.float32) * 2)
+    spare = ft.ManagedHookState(FakeManager(participants=4, participating=False), FakeGroup(group), hook,
+                                hooks.HookState())
+    assert not ft.managed_hook(spare, _bucket()).wait().any()  # a spare contributes zeros
+    with pytest.raises(TypeError, match="ManagedGroup"):
+        ft.ManagedHookState(FakeManager(), object(), hook, hooks.HookState())
+
+
+def test_healing_state_copies_everything_but_error_feedback_residuals():
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 3)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        return net, opt, hooks.TopkState(ratio=0.5, warmup_steps=3)
+
+    net, opt, topk = make()
+    net(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    topk.iteration, topk.bytes_sent, topk.residuals[0] = 7, 1234, torch.randn(15)
+    extra = {"position": 42}
+    donor = ft.TrainingState(net, opt, topk, extra=(lambda: dict(extra), extra.update))
+
+    net2, opt2, topk2 = make()
+    topk2.residuals[0] = torch.randn(15)
+    extra2 = {}
+    healed = ft.TrainingState(net2, opt2, topk2, extra=(lambda: dict(extra2), extra2.update))
+    healed.load_state_dict(donor.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
+    momentum = [o.state_dict()["state"][0]["momentum_buffer"] for o in (opt, opt2)]
+    assert torch.equal(*momentum)
+    assert topk2.iteration == 7 and topk2.bytes_sent == 1234 and extra2 == {"position": 42}
+    assert list(topk2.residuals) == [0] and not topk2.residuals[0].any() and topk.residuals[0].any()
+    assert healed.heals == 1
+    with pytest.raises(ValueError, match="no hook state"):
+        healed.load_state_dict({"model": net.state_dict(), "optimizer": opt.state_dict()})
+
+
+# ---- our collectives on torchft's reconfigured groups (two ranks of the worker pool) ----
+
+def _reconfigure_case():
+    rank = dist.get_rank()
+    server = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False) if rank == 0 else None
+    port = [server.port if server else None]
+    dist.broadcast_object_list(port, src=0)
+    group = ft.ManagedGroup(timeout=datetime.timedelta(seconds=20))
+    out = {}
+    try:
+        for quorum in (1, 2):
+            group.configure(f"localhost:{port[0]}/torchft/{quorum}/0", "replica", rank, 2, quorum_id=quorum,
+                            group_rank=0, group_world_size=1)
+            g = group.current()
+            torch.manual_seed(100 + rank)
+            x = torch.randn(1001)
+            total = x * 0
+            for r in range(2):
+                torch.manual_seed(100 + r)
+                total += torch.randn(1001)
+            results = {}
+            for name, kwargs in {"ring": dict(transport="ring"), "shm": dict(transport="shm"),
+                                 "int8": dict(transport="ring", compression="int8")}.items():
+                t = x.clone()
+                pyparallel.all_reduce(t, group=g, **kwargs)
+                results[name] = t
+            residual = torch.zeros(1001)
+            sparse = x.clone()
+            pyparallel.all_reduce(sparse, group=g, compression=pyparallel.Topk(ratio=0.1, residual=residual),
+                                  transport="ring")
+            out[quorum] = {
+                "name": g.group_name,
+                "exact": bool(torch.equal(results["ring"], total)) and bool(torch.equal(results["shm"], total)),
+                "int8_err": float((results["int8"] - total).abs().max()),
+                "digest": torch.cat([results["int8"], sparse]).sum().item(),
+            }
+            if quorum == 1:
+                old = g
+        out["old_resources_released"] = old.group_name not in transport._resources
+        try:
+            pyparallel.all_reduce(torch.ones(3), group=old, transport="ring")
+            out["old_group_usable"] = True
+        except Exception as exc:  # noqa: BLE001
+            out["old_group_usable"] = False
+            out["old_group_error"] = str(exc)[:200]
+    finally:
+        group.shutdown()
+    return out
+
+
+def test_collectives_run_on_each_quorums_group_and_the_old_one_is_released(dist_pool):
+    a, b = dist_pool(2).run(_reconfigure_case, timeout=120)
+    for q in (1, 2):
+        assert a[q]["name"] == b[q]["name"] == f"pyparallel-ft/quorum{q}/rank0"
+        assert a[q]["exact"] and b[q]["exact"]  # ring and shared memory: the exact sum
+        assert a[q]["int8_err"] < 0.1
+        assert a[q]["digest"] == b[q]["digest"]  # bitwise identical on both ranks
+    assert a["old_resources_released"] and not a["old_group_usable"], a
+
+
+# ---- whole runs: replicas as processes, one SIGKILLed ----
+
+def _launch(tmp, *extra, timeout=240):
+    out = os.path.join(tmp, "summary.json")
+    cmd = [sys.executable, "-m", "pyparallel.train", "--fault-tolerant", "--replicas", "3", "--hidden", "32",
+           "--threads", "1", "--no-progress", "--json", out, "--log-dir", os.path.join(tmp, "logs"), *extra]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    with open(out) as f:
+        summary = json.load(f)
+    params = {}
+    for i in range(3):
+        path = os.path.join(summary["run_dir"], f"replica{i}.params.pt")
+        if os.path.exists(path):
+            params[i] = torch.load(path)
+    return summary, params, proc.stderr
+
+
+def test_survivors_finish_with_equal_parameters_when_a_replica_is_killed():
+    # Replica 1 dies in step 5 and is not restarted: replicas 0 and 2 go on in a quorum of two, split each
+    # global batch between them and end with bitwise-equal parameters.
+    with tempfile.TemporaryDirectory() as tmp:
+        s, params, log = _launch(tmp, "--epochs", "2", "--min-replicas", "2", "--max-restarts", "0",
+                                 "--kill-at-step", "5", "--kill-replica", "1", "--transport", "ring", "--timeout", "10")
+    assert "replica 1 (incarnation 0) killed by SIGKILL" in log
+    assert sorted(params) == [0, 2]
+    assert all(torch.equal(p, q) for p, q in zip(params[0], params[2]))
+    assert s["parameters_equal"] and s["steps"] == 2 * (1437 // 96)
+    assert s["participants_per_step"] == [3] * 5 + [2] * (s["steps"] - 5)
+    assert s["longest_stall_s"] < 10 + 5
+
+
+def test_killed_replica_restarts_rejoins_and_heals_with_its_hook_state():
+    # Every step needs all three replicas (--min-replicas 3), so the survivors wait for the restarted replica
+    # 1, which heals from a live peer: model, optimizer and the top-k hook's iteration (with warm-up
+    # steps, a replica whose iteration lagged would send dense buckets while its peers send sparse ones,
+    # and every step would fail on the header check). The shared-memory transport runs on each quorum's group.
+    with tempfile.TemporaryDirectory() as tmp:
+        s, params, log = _launch(tmp, "--epochs", "2", "--min-replicas", "3", "--max-restarts", "1",
+                                 "--kill-at-step", "4", "--kill-replica", "1", "--hook", "topk", "--ratio", "0.1",
+                                 "--warmup-steps", "2", "--transport", "shm", "--timeout", "60")
+    assert "replica 1 restarted" in log
+    assert sorted(params) == [0, 1, 2]
+    assert all(torch.equal(p, q) for i in (1, 2) for p, q in zip(params[0], params[i]))
+    assert s["heals"]["1"] >= 1 and s["rejoined_at_step"]["1"] == [4]
+    assert s["participants_per_step"] == [3] * s["steps"]
