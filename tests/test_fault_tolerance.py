@@ -127,19 +127,20 @@ def test_healing_state_copies_everything_but_error_feedback_residuals():
         torch.manual_seed(0)
         net = torch.nn.Linear(4, 3)
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        return net, opt, hooks.TopkState(ratio=0.5, warmup_steps=3)
+        return net, opt, hooks.TopkState(ratio=0.5, warmup_steps=3).register_model(net)
 
     net, opt, topk = make()
     net(torch.randn(2, 4)).sum().backward()
     opt.step()
     with torch.no_grad():
         net.weight.add_(1.0)
-    topk.iteration, topk.bytes_sent, topk.residuals[0] = 7, 1234, torch.randn(15)
+    topk.iteration, topk.bytes_sent = 7, 1234
+    topk.residuals.update(weight=torch.randn(3, 4), bias=torch.randn(3))  # per parameter, by name
     extra = {"position": 42}
     donor = ft.TrainingState(net, opt, topk, extra=(lambda: dict(extra), extra.update))
 
     net2, opt2, topk2 = make()
-    topk2.residuals[0] = torch.randn(15)
+    topk2.residuals.update(weight=torch.randn(3, 4), bias=torch.randn(3))
     extra2 = {}
     healed = ft.TrainingState(net2, opt2, topk2, extra=(lambda: dict(extra2), extra2.update))
     healed.load_state_dict(donor.state_dict())
@@ -147,7 +148,8 @@ def test_healing_state_copies_everything_but_error_feedback_residuals():
     momentum = [o.state_dict()["state"][0]["momentum_buffer"] for o in (opt, opt2)]
     assert torch.equal(*momentum)
     assert topk2.iteration == 7 and topk2.bytes_sent == 1234 and extra2 == {"position": 42}
-    assert list(topk2.residuals) == [0] and not topk2.residuals[0].any() and topk.residuals[0].any()
+    assert sorted(topk2.residuals) == ["bias", "weight"]
+    assert not any(r.any() for r in topk2.residuals.values()) and all(r.any() for r in topk.residuals.values())
     assert healed.heals == 1
     with pytest.raises(ValueError, match="no hook state"):
         healed.load_state_dict({"model": net.state_dict(), "optimizer": opt.state_dict()})
