@@ -146,7 +146,7 @@ class PowerSGDState(hooks.HookState):
     __slots__ = ("matrix_approximation_rank", "start_powerSGD_iter", "min_compression_rate", "use_error_feedback",
                  "warm_start", "orthogonalization_epsilon", "random_seed", "rng", "iter",
                  "total_numel_before_compression", "total_numel_after_compression",
-                 "_key_of", "_next_key", "_shape_of", "_layouts", "_layout_of_key", "_error_of", "_q_of")
+                 "_key_of", "_next_key", "_shape_of", "_bucket_layouts", "_layout_of_key", "_error_of", "_q_of")
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, transport: str = "auto",
                  matrix_approximation_rank: int = 1, start_powerSGD_iter: int = 1_000,
@@ -181,7 +181,7 @@ class PowerSGDState(hooks.HookState):
         self._key_of: dict[int, tuple[weakref.ref, int]] = {}  # id(param) -> (weak ref, key)
         self._next_key = 0
         self._shape_of: dict[int, tuple[int, ...]] = {}        # key -> parameter shape
-        self._layouts: dict[tuple[int, ...], _Layout] = {}
+        self._bucket_layouts: dict[tuple[int, ...], _Layout] = {}
         self._layout_of_key: dict[int, tuple[int, ...]] = {}
 
     # ---- statistics (as torch's) ----
@@ -194,7 +194,7 @@ class PowerSGDState(hooks.HookState):
 
     # ---- keys and layouts (Note [PowerSGD state]) ----
 
-    def _keys(self, params: list[torch.Tensor]) -> tuple[int, ...]:
+    def _param_keys(self, params: list[torch.Tensor]) -> tuple[int, ...]:
         """The parameters' keys; a parameter seen for the first time gets the next one."""
         out = []
         for p in params:
@@ -214,7 +214,7 @@ class PowerSGDState(hooks.HookState):
 
     def _layout(self, keys: tuple[int, ...], bucket) -> _Layout:
         buffer = bucket.buffer()
-        layout = self._layouts.get(keys)
+        layout = self._bucket_layouts.get(keys)
         if layout is not None and layout.error.dtype == buffer.dtype and layout.error.device == buffer.device:
             return layout
         layout = _Layout(keys, [torch.Size(self._shape_of[k]) for k in keys], self.matrix_approximation_rank,
@@ -238,7 +238,7 @@ class PowerSGDState(hooks.HookState):
         for key, view in zip(keys, layout.errors):
             stale = self._layout_of_key.get(key)
             if stale is not None:
-                self._layouts.pop(stale, None)
+                self._bucket_layouts.pop(stale, None)
             self._layout_of_key[key] = keys
             if layout.has_error:
                 self._error_of[key] = view
@@ -246,7 +246,7 @@ class PowerSGDState(hooks.HookState):
             self._q_of[keys[i]] = layout.q_memory.new_empty(0, self.matrix_approximation_rank)
         for (i, *_), q in zip(layout.compressed, layout.qs):
             self._q_of[keys[i]] = q
-        self._layouts[keys] = layout
+        self._bucket_layouts[keys] = layout
         return layout
 
     def _remember_errors(self, layout: _Layout) -> None:
@@ -366,7 +366,7 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.future
     uncompressed gradients with P, then Q (skipped when empty); results bitwise identical on every rank.
     Works under torch's DDP (``register_comm_hook``) and :class:`pyparallel.DataParallel`."""
     params = bucket.parameters()
-    keys = state._keys(params)
+    keys = state._param_keys(params)
     compress = state.iter >= state.start_powerSGD_iter
     if bucket.is_last():  # the last bucket of an iteration is launched after all others
         state.iter += 1

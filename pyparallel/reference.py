@@ -293,14 +293,14 @@ class PowerSGD:
     ``step(buckets)`` takes ``buckets[b][r]``: rank r's gradients in bucket b (a list of tensors, the
     bucket's order; the last bucket ends the iteration) and returns the averaged gradients in the same
     structure. ``all_reduce(list of every rank's tensor) -> the sum`` is the collective to model
-    (:func:`ring_all_reduce` for our ring, :func:`shm_all_reduce` for shared memory); before
+    (:func:`dense_all_reduce` for our ring on CPU, :func:`shm_all_reduce` for shared memory); before
     ``start_iter`` buckets are averaged with ``all_reduce(..., average=True)``. State is kept per bucket
     index: the layout must not change.
     """
 
     def __init__(self, world_size: int, rank: int = 1, start_iter: int = 0, min_compression_rate: float = 2,
                  error_feedback: bool = True, warm_start: bool = True, epsilon: float = 0, seed: int = 0,
-                 all_reduce=ring_all_reduce):
+                 all_reduce=dense_all_reduce):
         import numpy as np
 
         self.n, self.rank, self.start_iter, self.rate = world_size, rank, start_iter, min_compression_rate

@@ -83,7 +83,7 @@ def _reference_reduce(path, compression, n, hosts):
         k = compression.k_for(xs[0].numel()) if kind == "topk" else 0
         if path == "ring":
             if kind is None or n == 1 and kind == "int8":  # the ring returns at once on one rank
-                return ref.ring_all_reduce(xs, True)
+                return ref.dense_all_reduce(xs, True)
             if kind == "int8":
                 return ref.ring_all_reduce_int8(xs, True, compression.block_size)
             return ref.topk_all_reduce(xs, k, res, True)
