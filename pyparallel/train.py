@@ -177,7 +177,9 @@ def build(args, device: torch.device, task=None):
                                outer_optimizer=outer_sgd(args.outer_lr, args.outer_momentum), **common)
         return model, model, None, optimizer
     hook, make_state = HOOKS[args.hook]
-    state = make_state(args).register_model(model)  # residuals keyed by parameter name, checkpoints portable
+    state = make_state(args)
+    if isinstance(state, hooks.HookState):  # not torch's PowerSGDState (--hook torch-powersgd)
+        state.register_model(model)  # residuals keyed by parameter name, checkpoints portable
     if args.ddp == "torch":
         wrapped = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
         wrapped.register_comm_hook(state, hook)

@@ -326,3 +326,10 @@ def test_training_cli_powersgd_trains_and_resumes(dist_pool):
     assert straight[0]["test_accuracy"] > 0.8, straight[0]["test_accuracy"]
     for a, b in zip(straight, resumed):
         assert all(torch.equal(p, q) for p, q in zip(a["final_parameters"], b["final_parameters"]))
+
+
+def test_training_cli_runs_torchs_powersgd_hook_for_comparison(dist_pool):
+    """--hook torch-powersgd (torch's own state, which has no register_model and counts no bytes) trains."""
+    out = dist_pool(2).run(_train, dict(hook="torch-powersgd", ddp="torch", powersgd_rank=2, powersgd_start_iter=2,
+                                        hidden=64, epochs=1, seed=5), timeout=300)
+    assert out[0]["test_accuracy"] > 0.2 and out[0]["bytes_sent_per_step"] is None, out[0]["test_accuracy"]  # chance: 0.1
