@@ -72,8 +72,9 @@ def cuda_ipc_enabled() -> bool:
 
 
 def cuda_ipc_built() -> bool:
-    """Whether this build of pyparallel has the CUDA IPC transport (CUDA builds only)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("pyparallel::ipc_create", "CatchAll")
+    """Whether this build of pyparallel has the CUDA IPC transport (CUDA builds only; its CatchAll kernels
+    show up under CompositeImplicitAutograd)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("pyparallel::ipc_create", "CompositeImplicitAutograd")
 
 
 def host_identity() -> str:

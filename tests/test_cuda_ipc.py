@@ -363,7 +363,7 @@ def test_ipc_ops_registered_in_cuda_builds():
     if not _expect_cuda():
         pytest.skip("CPU-only build")
     for op in ("ipc_create", "ipc_open", "ipc_detach"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyparallel::{op}", "CatchAll"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyparallel::{op}", "CompositeImplicitAutograd"), op
     assert torch._C._dispatch_has_kernel_for_dispatch_key("pyparallel::ipc_all_reduce_", "CUDA")
 
 
