@@ -217,10 +217,10 @@ def build(c: Check, info: dict) -> bool:
     if info["modules"].get("setuptools") is None:
         s.status, s.detail = "failed", "setuptools is missing: cannot build (nothing can be installed here)"
         return False
+    # setup.py finds the toolkit itself (CUDA_HOME, else where nvcc really lives) and refuses a CUDA major
+    # version other than torch's.
     env = dict(c.env, PYPARALLEL_CUDA="1", MAX_JOBS=str(max(1, os.cpu_count() or 1)),
                TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", info["capability"]))
-    if info["nvcc"] and not os.environ.get("CUDA_HOME"):
-        env["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(info["nvcc"])))
     rc = c.run(s, [PY, "setup.py", "build_ext", "--inplace"], env=env)
     if rc is None:
         return False
@@ -284,7 +284,8 @@ def sanitizer(c: Check, info: dict, name: str, tool: str, args: list[str]) -> No
         return
     cmd = [info["compute_sanitizer"], "--tool", tool, "--error-exitcode", "99", "--print-limit", "20",
            "--target-processes", "all", PY, "benchmarks/gpu_sanitize.py", *args]
-    env = dict(c.env, PYPARALLEL_SANITIZER="1")
+    # Without PyTorch's caching allocator every tensor is its own cudaMalloc, so memcheck sees the end of each.
+    env = dict(c.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     rc = c.run(s, cmd, env=env)
     out_path = os.path.join(c.work, f"{name}.out")
     if not os.path.exists(out_path):  # not started: no time left
