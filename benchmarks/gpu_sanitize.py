@@ -4,6 +4,7 @@ neither pytest nor anything but torch.
 
     python benchmarks/gpu_sanitize.py --kernels      # every kernel, odd sizes, every dtype, vs the reference
     python benchmarks/gpu_sanitize.py --ipc 2        # the CUDA IPC all-reduce, 2 processes on this node
+    python benchmarks/gpu_sanitize.py --kernels --device cpu   # the same checks on the CPU kernels
 
 Prints "SANITIZE OK" and exits 0 when every result matched; exits 1 (after the other checks) otherwise.
 Sizes stay small (at most 300K elements) because the sanitizer runs kernels tens of times slower.
@@ -42,8 +43,8 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.cpu(), b.cpu())
 
 
-def kernels() -> None:
-    dev = torch.device("cuda")
+def kernels(device: str) -> None:
+    dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     for dtype in DTYPES:
         for numel in SIZES:
@@ -56,7 +57,7 @@ def kernels() -> None:
                 check(f"dequantize_int8 {name}", same(ops.dequantize_int8(q, s, block, dtype),
                                                       ref.dequantize_int8(rq, rs, block, dtype)))
                 acc = torch.randn(numel, generator=g)
-                acc_dev = acc.to(dev)
+                acc_dev = acc.to(dev, copy=True)  # a copy also on the CPU: both sides add into their own
                 ops.dequantize_add_(acc_dev, q, s, block)
                 check(f"dequantize_add_ {name}", same(acc_dev, ref.dequantize_add_(acc.clone(), rq, rs, block)))
                 # fused re-quantization of (x + dequantize(add)) / 2, as the int8 ring's hop does
@@ -74,14 +75,14 @@ def kernels() -> None:
                 check(f"quantize_int8 stochastic {dtype} {numel}",
                       bool((q.cpu().int() - rq.int()).abs().max() <= 1) and bool((q.abs() <= 127).all()))
             # top-k with and without error feedback, both index dtypes; a misaligned slice
-            for k in sorted({0, 1, max(1, numel // 100), numel}):
+            for k in sorted(k for k in {0, 1, max(1, numel // 100), numel} if k <= numel):
                 for index_dtype in (torch.int64, torch.int32):
                     xd = x.to(dev)
                     v, i = ops.topk_compress(xd, k, index_dtype=index_dtype)
                     rv, ri = ref.topk_compress(x, k, index_dtype=index_dtype)
                     check(f"topk_compress {dtype} numel={numel} k={k} {index_dtype}", same(v, rv) and same(i, ri))
                 r = torch.randn(numel, generator=g).to(dtype)
-                rd = r.to(dev)
+                rd = r.to(dev, copy=True)
                 v, i = ops.topk_compress(x.to(dev), k, residual=rd)
                 rv, ri = ref.topk_compress(x, k, residual=r)
                 check(f"topk_compress+EF {dtype} numel={numel} k={k}", same(v, rv) and same(i, ri) and same(rd, r))
@@ -107,7 +108,8 @@ def kernels() -> None:
         back = [torch.empty_like(t) for t in tensors]
         ops.bucket_unflatten(flat, back)
         check(f"bucket_unflatten {dtype}", all(same(a, b) for a, b in zip(back, tensors)))
-    torch.cuda.synchronize()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _ipc_rank(rank: int, world: int, init_file: str, results) -> None:
@@ -167,14 +169,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernels", action="store_true", help="every kernel once, checked against the reference")
     p.add_argument("--ipc", type=int, default=0, metavar="N", help="the CUDA IPC all-reduce with N processes")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="where --kernels runs (cpu: to check this driver itself without a GPU)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if (args.device == "cuda" or args.ipc) and not torch.cuda.is_available():
         print("no CUDA device: nothing to sanitize", file=sys.stderr)
         return 2
     if not args.kernels and not args.ipc:
         p.error("say what to run: --kernels and/or --ipc N")
     if args.kernels:
-        kernels()
+        kernels(args.device)
     if args.ipc:
         ipc(args.ipc)
     if failures:

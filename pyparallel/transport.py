@@ -64,6 +64,7 @@ _DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 DEFAULT_IPC_BUFFER_BYTES = 8 << 20
 DEFAULT_IPC_MAX_BLOCKS = 64
 IPC_MAX_RANKS = 8  # kIpcMaxRanks (csrc/comm/ipc.h)
+IPC_MAX_BLOCKS = 128  # kIpcMaxBlocks
 
 
 def cuda_ipc_enabled() -> bool:
@@ -214,22 +215,22 @@ class _GroupResources:
                           f"hosts (ranks by host: {layout.hosts})")
         if self.size > IPC_MAX_RANKS:
             return None, f"CUDA IPC supports at most {IPC_MAX_RANKS} ranks, the group has {self.size}"
-        comm = f"{self.prefix}/ipc{serial}"
-        key = f"{self.prefix}/ipc{serial}"
-        # Round 1: allocate and export (or say why not), with what the others must agree on.
-        capacity = int(os.environ.get("PYPARALLEL_IPC_BUFFER_BYTES", DEFAULT_IPC_BUFFER_BYTES))
+        comm = key = f"{self.prefix}/ipc{serial}"  # the communicator's name, and its keys in the store
+        # Round 1: allocate and export (or say why not), with what the others must agree on. Whatever goes
+        # wrong is published, never raised here: the other ranks would wait for this one until the timeout.
         mine = "fail pyparallel was built without CUDA"
         created = False
         if cuda_ipc_built():
             try:
+                capacity = int(os.environ.get("PYPARALLEL_IPC_BUFFER_BYTES", DEFAULT_IPC_BUFFER_BYTES))
                 sms = torch.cuda.get_device_properties(device).multi_processor_count
                 blocks = int(os.environ.get("PYPARALLEL_IPC_BLOCKS", min(sms, DEFAULT_IPC_MAX_BLOCKS)))
                 handle = _ops.ipc_create(comm, device, self.rank, self.size, list(range(self.size)), capacity,
                                          timeout_s)
                 created = True
-                mine = f"ok {handle} {os.getpid()} {capacity} {min(blocks, sms)}"
-            except (RuntimeError, ValueError) as exc:
-                mine = "fail " + " ".join(str(exc).split())
+                mine = f"ok {handle} {os.getpid()} {capacity} {min(blocks, sms, IPC_MAX_BLOCKS)}"
+            except (RuntimeError, ValueError, AssertionError) as exc:  # AssertionError: torch without CUDA
+                mine = "fail " + _first_line(exc)
         everyone = self._gather(f"{key}/created", mine)
         why = _first_failure(everyone, "could not set up its CUDA IPC buffer")
         if why is None:
@@ -242,7 +243,7 @@ class _GroupResources:
                 _ops.ipc_open(comm, handles, pids, capacity, blocks)
                 mine = "ok"
             except (RuntimeError, ValueError) as exc:
-                mine = "fail " + " ".join(str(exc).split())
+                mine = "fail " + _first_line(exc)
             # Round 2: everyone could open everyone's buffer.
             why = _first_failure(self._gather(f"{key}/opened", mine), "could not open the other ranks' CUDA IPC buffers")
         if why is not None:
@@ -297,6 +298,11 @@ class _GroupResources:
             torch._C._distributed_c10d._unregister_process_group(self.cross_group)
             _ops.release_group(self.cross_group)
         _ops.release_group(self.name)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message without the C++ backtrace that torch appends, on one line."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _first_failure(answers: list[str], what: str) -> str | None:

@@ -350,11 +350,28 @@ def _cpu_tensor_with_ipc():
     return None
 
 
+def _setup_fails_the_same_everywhere():
+    """Without a GPU every rank fails to set CUDA IPC up; the handshake still completes, and every rank gets
+    the same reason (so "auto" would fall back to the ring everywhere, and "ipc" raise everywhere)."""
+    with _IpcGroup() as g:
+        res = pyparallel.transport.resources(g)
+        comm, why = res.cuda_ipc(torch.device("cuda", 0))
+        assert comm is None
+        assert res.cuda_ipc(torch.device("cuda", 0)) == (None, why)  # decided once
+        return why
+
+
 # ---- tests ----
 
 def test_ipc_needs_cuda_tensors(dist_pool):
     for msg in dist_pool(2).run(_cpu_tensor_with_ipc, timeout=60):
         assert msg is not None and "transport='ipc' needs CUDA tensors" in msg, msg
+
+
+@pytest.mark.skipif(CUDA, reason="a GPU sets CUDA IPC up (the other tests)")
+def test_ipc_setup_fails_the_same_everywhere_without_a_gpu(dist_pool):
+    reasons = dist_pool(3).run(_setup_fails_the_same_everywhere, timeout=60)
+    assert len(set(reasons)) == 1 and reasons[0].startswith("rank 0 could not set up its CUDA IPC buffer"), reasons
 
 
 def test_ipc_ops_registered_in_cuda_builds():

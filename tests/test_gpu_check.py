@@ -69,3 +69,12 @@ def test_step_budgets_keep_reserves_for_later_steps(tmp_path):
     assert sum(own for _, own, _ in gc.STEPS) > 570 >= sum(reserve for _, _, reserve in gc.STEPS)
     c.log.close()
     shutil.rmtree(c.work)
+
+
+def test_sanitizer_driver_checks_pass_on_the_cpu_kernels():
+    # benchmarks/gpu_sanitize.py is what compute-sanitizer runs on the GPU; its own checks (references,
+    # inputs, which side mutates what) are exercised here on the CPU kernels.
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_sanitize.py"), "--kernels",
+                          "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0 and "SANITIZE OK" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
