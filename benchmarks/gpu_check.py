@@ -140,16 +140,15 @@ class Check:
                 rc = proc.wait(timeout=budget)
             except subprocess.TimeoutExpired:
                 rc = None
-                for sig in (signal.SIGTERM, signal.SIGKILL):
-                    try:
-                        os.killpg(proc.pid, sig)
-                    except ProcessLookupError:
-                        break
-                    try:
-                        proc.wait(timeout=5)
-                        break
-                    except subprocess.TimeoutExpired:
-                        continue
+                _signal_group(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            # Whatever the step left behind (a spawned rank that outlived its parent, say) must not hold the
+            # GPU during the next step.
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
         step.seconds += time.monotonic() - t0
         with open(out_path, errors="replace") as f:
             text = f.read()
@@ -160,8 +159,11 @@ class Check:
             step.status, step.detail = "timeout", f"killed after its budget of {budget:.0f} s"
         return rc
 
-    def seconds_left(self) -> float:
-        return self.deadline - time.monotonic()
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # nothing left in it
+        pass
 
 
 def find_tool(name: str) -> str | None:
@@ -170,7 +172,7 @@ def find_tool(name: str) -> str | None:
         return found
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     for home in filter(None, homes):
-        for sub in ("bin", f"{name}", "compute-sanitizer"):
+        for sub in ("bin", "compute-sanitizer"):
             path = os.path.join(home, sub, name)
             if os.path.isfile(path) and os.access(path, os.X_OK):
                 return path
