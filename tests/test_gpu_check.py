@@ -78,3 +78,18 @@ def test_sanitizer_driver_checks_pass_on_the_cpu_kernels():
                           "--device", "cpu"], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode == 0 and "SANITIZE OK" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_a_hung_step_is_killed_with_its_children(tmp_path):
+    gc = _load()
+    c = gc.Check(60, str(tmp_path))
+    pidfile = tmp_path / "child.pid"
+    hang = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(100)']);"
+            f" open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(100)")
+    step = c.steps["kernels"]
+    assert c.run(step, [sys.executable, "-c", hang], budget=5) is None
+    assert step.status == "timeout" and "5 s" in step.detail
+    child = int(pidfile.read_text())
+    assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z"
+    c.log.close()
+    shutil.rmtree(c.work)
