@@ -23,8 +23,8 @@ is set on every rank; ``transport="ipc"`` asks for it explicitly. Setting it up 
 the group's store on the first collective of each CUDA device: every rank allocates its buffer and
 publishes its IPC handle (or why it could not), then opens every peer's (or says why not); one failure
 anywhere and no rank uses it (``"auto"`` falls back to the ring, ``"ipc"`` raises the reason on every
-rank). Buffer size: ``PYPARALLEL_IPC_BUFFER_BYTES`` (two staging sets of that many bytes per rank,
-default 8 MiB), grid: ``PYPARALLEL_IPC_BLOCKS`` (default: the device's multiprocessors, at most 64); the
+rank). Buffer size: ``PYPARALLEL_IPC_BUFFER_BYTES`` (two staging sets and an outbox of that many bytes
+per rank, default 8 MiB), grid: ``PYPARALLEL_IPC_BLOCKS`` (default: the device's multiprocessors, at most 64); the
 smallest over the ranks is used.
 
 Host identity: ``PYPARALLEL_HOST`` when set (tests and link emulation), else torchrun's ``GROUP_RANK``
@@ -60,7 +60,7 @@ DEFAULT_SLOT_BYTES = 1 << 20
 # overrides, 0 = one piece.
 DEFAULT_PIECE_BYTES = 8 << 20
 _DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
-# CUDA IPC: staging bytes per set (each rank allocates two), and the grid's upper bound.
+# CUDA IPC: bytes per staging set (each rank allocates two, and an outbox as large), and the grid's bound.
 DEFAULT_IPC_BUFFER_BYTES = 8 << 20
 DEFAULT_IPC_MAX_BLOCKS = 64
 IPC_MAX_RANKS = 8  # kIpcMaxRanks (csrc/comm/ipc.h)
