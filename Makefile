@@ -14,7 +14,7 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup
 DEPS_STAMP := $(VENV)/.pyparallel-deps
 BUILD_STAMP := $(VENV)/.pyparallel-build
 
-.PHONY: demo test build install bench clean
+.PHONY: demo test build install bench clean gpu-check
 
 # Two ranks on this machine (torchrun, Gloo) train the digits classifier with the int8 hook.
 demo: build
@@ -46,6 +46,13 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 bench: build
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/allreduce.py -n 2
+
+# On a machine with a CUDA GPU and torch already installed (issue 12): build against that torch, run every
+# CUDA test, compute-sanitizer and the GPU benchmarks, in under 10 minutes; installs nothing. Writes
+# gpu-check.{json,txt,log} to $$OUT when set, else to benchmarks/results/ (benchmarks/gpu_check.py).
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf build pyparallel/_C*.so *.egg-info $(BUILD_STAMP)

@@ -154,9 +154,16 @@ def main(argv=None) -> int:
             gbs = nbytes / t_ours / 1e9
             row = dict(op=op, dtype=name, numel=numel, ours_ms=t_ours * 1e3, ref_ms=t_ref * 1e3,
                        speedup=t_ref / t_ours, gbps=gbs, pct_copy=100 * gbs / copy_gbs, ok=ok)
+            if op == "topk 1%":  # the target compares with torch.topk itself (|x|, unsorted), not the reference
+                x = torch.randn(numel, device=device).to(dtype)
+                k = max(1, int(numel * TOPK_RATIO))
+                t_torch = time_it(lambda: torch.topk(x.abs(), k, sorted=False), device, args.warmup, args.reps)
+                row.update(torch_topk_ms=t_torch * 1e3, vs_torch_topk=t_torch / t_ours)
             rows.append(row)
             print(f"{op:<20} {name:<5} {numel:>10} {row['ours_ms']:>9.3f} {row['ref_ms']:>9.3f} "
-                  f"{row['speedup']:>7.1f}x {gbs:>8.1f} {row['pct_copy']:>5.0f}% {'ok' if ok else 'NO':>3}",
+                  f"{row['speedup']:>7.1f}x {gbs:>8.1f} {row['pct_copy']:>5.0f}% {'ok' if ok else 'NO':>3}"
+                  + (f"   torch.topk {row['torch_topk_ms']:.3f} ms: {row['vs_torch_topk']:.1f}x" if "vs_torch_topk" in row
+                     else ""),
                   flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -60,4 +60,14 @@ TORCH_LIBRARY(pyparallel, m) {
   m.def("hierarchical_all_reduce_(Tensor(a!) tensor, str comm, str cross_group_name, int world_size,"
         " bool average=False, int compression=0, int param=0, Tensor(b!)? residual=None, int piece_bytes=0) -> int");
   m.def("release_group(str group_name) -> ()");
+
+  // CUDA IPC between the processes of one node (csrc/comm/ipc.h; CUDA builds only). ipc_create allocates
+  // this rank's buffer on `device` under the name `comm` and returns its handle for the peers; ipc_open
+  // opens every rank's buffer (handles: every rank's, space-separated, in rank order) with the agreed
+  // staging capacity and grid; ipc_all_reduce_ reduces in place, bitwise identically on every rank.
+  m.def("ipc_create(str comm, int device, int rank, int size, int[] group_ranks, int capacity, float timeout_s)"
+        " -> str");
+  m.def("ipc_open(str comm, str handles, int[] pids, int capacity, int blocks) -> ()");
+  m.def("ipc_detach(str comm) -> ()");
+  m.def("ipc_all_reduce_(Tensor(a!) tensor, str comm, bool average=False) -> int");
 }

@@ -152,19 +152,23 @@ def collective(tensor: torch.Tensor, group: dist.ProcessGroup, average: bool, co
     it all went through shared memory)."""
     code, params = _kind(compression)
     path = _transport.choose(tensor, group, transport)
-    name = group.group_name
     if path == "ring":
         if not tensor.is_cuda and group.size() > 1:
             _transport.resources(group).ensure_twin()
+        name = _transport.ring_group_name(tensor, group)
         if code == 0:
-            return _ops.ring_all_reduce_(tensor, name, average)
-        if code == 1:
-            return _ops.ring_all_reduce_int8_(tensor, name, average, params.block_size)
-        return _ops.topk_all_reduce_(tensor, name, params.k_for(tensor.numel()), params.residual, average)
+            sent = _ops.ring_all_reduce_(tensor, name, average)
+        elif code == 1:
+            sent = _ops.ring_all_reduce_int8_(tensor, name, average, params.block_size)
+        else:
+            sent = _ops.topk_all_reduce_(tensor, name, params.k_for(tensor.numel()), params.residual, average)
+        return sent if name == group.group_name else 0  # over CUDA IPC nothing left the node
     res = _transport.resources(group)
-    if path == "shm":  # one host: exact, whatever the compression (it applies across hosts only)
+    if path in ("shm", "ipc"):  # one host: exact, whatever the compression (it applies across hosts only)
         if code == 2 and params.residual is not None:
             _apply_residual(tensor, params.residual)
+        if path == "ipc":
+            return _ops.ipc_all_reduce_(tensor, res.cuda_ipc(tensor.device)[0], average)
         return _ops.shm_all_reduce_(tensor, res.shared_memory(), average)
     param = params.block_size if code == 1 else params.k_for(tensor.numel()) if code == 2 else 0
     residual = params.residual if code == 2 else None
@@ -296,7 +300,8 @@ def all_reduce(
     """All-reduce ``tensor`` in place with pyparallel's collectives.
 
     Args:
-        tensor: float32, float16 or bfloat16; CPU tensors need a Gloo group, CUDA tensors an NCCL group.
+        tensor: float32, float16 or bfloat16; CPU tensors need a Gloo group, CUDA tensors an NCCL group
+            (or, with the "ipc" transport, any group whose ranks share one node: its store is all it uses).
             Any shape and numel (0 included). fp16/bf16 are accumulated in fp32.
         group: process group (default: the world).
         op: ``"sum"`` or ``"avg"``.
@@ -306,7 +311,8 @@ def all_reduce(
             added and emptied).
         async_op: return a ``torch.futures.Future`` (value: ``tensor``) instead of waiting.
         transport: ``"auto"`` (by host layout and device, see :mod:`pyparallel.transport`), ``"ring"``,
-            ``"shm"`` (every rank on one host) or ``"hierarchical"``.
+            ``"shm"`` (every rank on one host), ``"hierarchical"`` or ``"ipc"`` (CUDA tensors, every rank
+            on one node: CUDA IPC, Note [CUDA IPC all-reduce]; not yet run on a GPU).
 
     Every rank's header (collective, numel, dtype, options) is checked against every other's first, by
     the transport itself; a mismatch raises the same error on every rank instead of hanging.
@@ -338,8 +344,9 @@ def all_reduce(
 
 
 def resolve_transport(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, transport: str = "auto") -> str:
-    """The transport that ``all_reduce(tensor, group, transport=transport)`` uses: "ring", "shm" or
-    "hierarchical" (the same answer on every rank)."""
+    """The transport that ``all_reduce(tensor, group, transport=transport)`` uses: "ring", "shm",
+    "hierarchical" or "ipc" (the same answer on every rank). For CUDA tensors this may set up CUDA IPC
+    (a handshake through the group's store that every rank must make), as the first collective would."""
     return _transport.choose(tensor, _group(group), transport)
 
 

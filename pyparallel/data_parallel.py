@@ -38,7 +38,7 @@ class DataParallel(nn.Module):
         hook_state: the hook's state (default: a :class:`hooks.HookState` on ``process_group``); a
             :class:`hooks.HookState` without a registered model gets ``module`` registered.
         transport: which transport the hook's collectives use (``"auto"``, ``"ring"``, ``"shm"``,
-            ``"hierarchical"``; see :mod:`pyparallel.transport`); sets ``hook_state.transport``. Default:
+            ``"hierarchical"``, ``"ipc"``; see :mod:`pyparallel.transport`); sets ``hook_state.transport``. Default:
             the state's own (``"auto"`` unless set there).
         find_unused_parameters: allow parameters that get no gradient in a backward (they count as zero);
             without it such a backward raises an error naming them.

@@ -66,7 +66,7 @@ class HookState:
     Args:
         process_group: group to average over (default: the world).
         transport: ``"auto"`` (by host layout: shared memory on one host, hierarchical across hosts, see
-            :mod:`pyparallel.transport`), ``"ring"``, ``"shm"`` or ``"hierarchical"``. A hook's
+            :mod:`pyparallel.transport`), ``"ring"``, ``"shm"``, ``"hierarchical"`` or ``"ipc"`` (CUDA). A hook's
             compression applies to the bytes that cross hosts; inside a host the reduction is exact.
 
     ``bytes_sent`` counts the bytes this rank put on the wire (across hosts) through the hook. The state pickles

@@ -3,15 +3,29 @@
 ``"ring"``: our ring over the group's own point-to-point send/recv (Gloo, NCCL). ``"shm"``: every rank of
 the group on one host reduces through one shared-memory segment (Note [Shared-memory collectives],
 csrc/comm/shm.h). ``"hierarchical"``: shared memory inside each host, our ring across hosts among the
-ranks of equal local index, shared memory again (Note [Hierarchical all-reduce]). ``"auto"`` picks from
-facts every rank shares (the group's host layout, the tensor's device), so every rank picks the same:
+ranks of equal local index, shared memory again (Note [Hierarchical all-reduce]). ``"ipc"``: CUDA tensors
+of processes on one node, reduced by one kernel per rank that reads the other ranks' device buffers
+through CUDA IPC (Note [CUDA IPC all-reduce], csrc/comm/ipc.h). ``"auto"`` picks from facts every rank
+shares (the group's host layout, the tensor's device, whether CUDA IPC could be set up on every rank),
+so every rank picks the same:
 
-* CUDA tensors: ring (NCCL) until a CUDA transport exists;
+* CUDA tensors, every rank on one host, CUDA IPC enabled on every rank (``PYPARALLEL_CUDA_IPC=1``, see
+  below) and set up on every rank: ipc; otherwise ring (over NCCL when the group has it, else over CUDA
+  IPC point-to-point, Note [CUDA IPC transport]: how several processes that share one GPU run the rings);
 * every rank on one host (and more than one rank): shm;
 * several hosts, more than one rank on some host, the same number on each: hierarchical;
 * otherwise: ring.
 
 Compression (int8, top-k) applies only where bytes cross hosts: exact inside a host, compressed across.
+
+CUDA IPC has not yet run on a GPU (issue 12), so ``"auto"`` picks it only where ``PYPARALLEL_CUDA_IPC=1``
+is set on every rank; ``transport="ipc"`` asks for it explicitly. Setting it up is a handshake through
+the group's store on the first collective of each CUDA device: every rank allocates its buffer and
+publishes its IPC handle (or why it could not), then opens every peer's (or says why not); one failure
+anywhere and no rank uses it (``"auto"`` falls back to the ring, ``"ipc"`` raises the reason on every
+rank). Buffer size: ``PYPARALLEL_IPC_BUFFER_BYTES`` (two staging sets and an outbox of that many bytes
+per rank, default 8 MiB), grid: ``PYPARALLEL_IPC_BLOCKS`` (default: the device's multiprocessors, at most 64); the
+smallest over the ranks is used.
 
 Host identity: ``PYPARALLEL_HOST`` when set (tests and link emulation), else torchrun's ``GROUP_RANK``
 (the node's rank), else (hostname, boot id, network and pid namespaces). It is exchanged once per group
@@ -35,7 +49,7 @@ import torch.distributed as dist
 
 _ops = torch.ops.pyparallel
 
-TRANSPORTS = ("auto", "ring", "shm", "hierarchical")
+TRANSPORTS = ("auto", "ring", "shm", "hierarchical", "ipc")
 # Bytes of one rank's slot in the segment (two sets of one slot per local rank): a round of the
 # shared-memory all-reduce moves this much per rank. PYPARALLEL_SHM_SLOT_BYTES overrides (tests use small
 # slots to stream tensors through many rounds).
@@ -47,6 +61,22 @@ DEFAULT_SLOT_BYTES = 1 << 20
 DEFAULT_PIECE_BYTES = 8 << 20
 TWIN_SUFFIX = "/pyparallel-twin"  # kTwinSuffix in csrc/comm/transport.h
 _DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+# CUDA IPC: bytes per staging set (each rank allocates two, and an outbox as large), and the grid's bound.
+DEFAULT_IPC_BUFFER_BYTES = 8 << 20
+DEFAULT_IPC_MAX_BLOCKS = 64
+IPC_MAX_RANKS = 8  # kIpcMaxRanks (csrc/comm/ipc.h)
+IPC_MAX_BLOCKS = 128  # kIpcMaxBlocks
+
+
+def cuda_ipc_enabled() -> bool:
+    """Whether this process lets ``transport="auto"`` pick CUDA IPC (``PYPARALLEL_CUDA_IPC=1``)."""
+    return os.environ.get("PYPARALLEL_CUDA_IPC") == "1"
+
+
+def cuda_ipc_built() -> bool:
+    """Whether this build of pyparallel has the CUDA IPC transport (CUDA builds only; its CatchAll kernels
+    show up under CompositeImplicitAutograd)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("pyparallel::ipc_create", "CompositeImplicitAutograd")
 
 
 def host_identity() -> str:
@@ -75,6 +105,7 @@ class Layout:
 
     rank: int
     hosts: list[list[int]]
+    cuda_ipc_enabled: bool = False  # PYPARALLEL_CUDA_IPC=1 on every rank
 
     @property
     def host_index(self) -> int:
@@ -111,17 +142,22 @@ class _GroupResources:
         self.shm_comm: str | None = None
         self.cross_group: str | None = None
         self.twin: str | None = None
+        # CUDA IPC, by this rank's device index: (communicator name, None) once set up, or (None, why not).
+        self.ipc: dict[int, tuple[str | None, str | None]] = {}
         self._lock = threading.Lock()
         self._private: list[tuple[str, dist.ProcessGroup]] = []  # our own groups: inter-host, twin
 
     def _exchange_layout(self) -> Layout:
-        self.store.set(f"{self.prefix}/host/{self.rank}", host_identity())
+        self.store.set(f"{self.prefix}/host/{self.rank}", f"{int(cuda_ipc_enabled())} {host_identity()}")
         keys = [f"{self.prefix}/host/{r}" for r in range(self.size)]
         self.store.wait(keys, self.timeout)
         hosts: dict[str, list[int]] = {}
+        gates = []
         for r, key in enumerate(keys):
-            hosts.setdefault(self.store.get(key).decode(), []).append(r)
-        return Layout(self.rank, list(hosts.values()))
+            gate, host = self.store.get(key).decode().split(" ", 1)
+            gates.append(gate == "1")
+            hosts.setdefault(host, []).append(r)
+        return Layout(self.rank, list(hosts.values()), all(gates))
 
     def shared_memory(self) -> str:
         """Name of this host's shared-memory communicator (attached on first call)."""
@@ -173,6 +209,81 @@ class _GroupResources:
         self._private.append((name, pg))  # keeps it alive until release()
         return pg
 
+    def cuda_ipc(self, device: torch.device) -> tuple[str | None, str | None]:
+        """(name of this group's CUDA IPC communicator on ``device``, None), set up on first call (a
+        handshake through the store that every rank makes at the same collective), or (None, why it
+        cannot be used), the same answer on every rank."""
+        with self._lock:
+            index = torch.device(device).index
+            if index not in self.ipc:
+                self.ipc[index] = self._attach_ipc(index, len(self.ipc))
+            return self.ipc[index]
+
+    def _gather(self, key: str, value: str) -> list[str]:
+        """Every rank's ``value`` for ``key``, by rank (through the store)."""
+        self.store.set(f"{key}/{self.rank}", value)
+        keys = [f"{key}/{r}" for r in range(self.size)]
+        self.store.wait(keys, self.timeout)
+        return [self.store.get(k).decode() for k in keys]
+
+    def _attach_ipc(self, device: int, serial: int) -> tuple[str | None, str | None]:
+        layout, timeout_s = self.layout, self.timeout.total_seconds()
+        if len(layout.hosts) != 1:
+            return None, (f"CUDA IPC needs every rank of the group on one node; the group spans {len(layout.hosts)} "
+                          f"hosts (ranks by host: {layout.hosts})")
+        if self.size > IPC_MAX_RANKS:
+            return None, f"CUDA IPC supports at most {IPC_MAX_RANKS} ranks, the group has {self.size}"
+        comm = key = f"{self.prefix}/ipc{serial}"  # the communicator's name, and its keys in the store
+        # Round 1: allocate and export (or say why not), with what the others must agree on. Whatever goes
+        # wrong is published, never raised here: the other ranks would wait for this one until the timeout.
+        mine = "fail pyparallel was built without CUDA"
+        created = False
+        if cuda_ipc_built():
+            try:
+                capacity = int(os.environ.get("PYPARALLEL_IPC_BUFFER_BYTES", DEFAULT_IPC_BUFFER_BYTES))
+                sms = torch.cuda.get_device_properties(device).multi_processor_count
+                blocks = int(os.environ.get("PYPARALLEL_IPC_BLOCKS", min(sms, DEFAULT_IPC_MAX_BLOCKS)))
+                handle = _ops.ipc_create(comm, device, self.rank, self.size, list(range(self.size)), capacity,
+                                         timeout_s)
+                created = True
+                mine = f"ok {handle} {os.getpid()} {capacity} {min(blocks, sms, IPC_MAX_BLOCKS)}"
+            except (RuntimeError, ValueError, AssertionError) as exc:  # AssertionError: torch without CUDA
+                mine = "fail " + _first_line(exc)
+        everyone = self._gather(f"{key}/created", mine)
+        why = _first_failure(everyone, "could not set up its CUDA IPC buffer")
+        if why is None:
+            parts = [e.split() for e in everyone]
+            handles = " ".join(p[1] for p in parts)
+            pids = [int(p[2]) for p in parts]
+            capacity = min(int(p[3]) for p in parts)
+            blocks = min(int(p[4]) for p in parts)
+            try:
+                _ops.ipc_open(comm, handles, pids, capacity, blocks)
+                mine = "ok"
+            except (RuntimeError, ValueError) as exc:
+                mine = "fail " + _first_line(exc)
+            # Round 2: everyone could open everyone's buffer.
+            why = _first_failure(self._gather(f"{key}/opened", mine), "could not open the other ranks' CUDA IPC buffers")
+        if why is not None:
+            if created:
+                _ops.ipc_detach(comm)
+            return None, why
+        return comm, None
+
+    def _close_ipc(self, comm: str) -> None:
+        """Frees this rank's CUDA IPC buffer, once every rank's last kernel is done with it: each rank arrives
+        here only after its own last collective returned (the host waits for its kernel), so a store barrier
+        is enough. Bounded (a dead peer, or a store that is gone, must not hold up the release)."""
+        key = f"{comm}/closing"
+        try:
+            self.store.add(key, 1)
+            deadline = time.monotonic() + min(self.timeout.total_seconds(), 10.0)
+            while self.store.add(key, 0) < self.size and time.monotonic() < deadline:
+                time.sleep(0.001)
+        except (RuntimeError, OSError):  # the store is gone: its group's processes are going away too
+            pass
+        _ops.ipc_detach(comm)
+
     def inter_host_group(self) -> str:
         """Name of the group of this rank and the ranks of equal local index on the other hosts."""
         with self._lock:
@@ -194,12 +305,29 @@ class _GroupResources:
     def release(self) -> None:
         if self.shm_comm is not None:
             _ops.shm_detach(self.shm_comm)
+        for comm, _ in self.ipc.values():
+            if comm is not None:
+                self._close_ipc(comm)
         for name, pg in self._private:
             pg.shutdown()
             torch._C._distributed_c10d._unregister_process_group(name)
             _ops.release_group(name)
         self._private.clear()
         _ops.release_group(self.name)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message without the C++ backtrace that torch appends, on one line."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _first_failure(answers: list[str], what: str) -> str | None:
+    """None if every rank answered "ok ...", else the first failing rank's reason (the same on every rank)."""
+    for r, answer in enumerate(answers):
+        status, _, why = answer.partition(" ")
+        if status != "ok":
+            return f"rank {r} {what}: {why}"
+    return None
 
 
 def _group_timeout(group: dist.ProcessGroup) -> datetime.timedelta:
@@ -278,14 +406,45 @@ def check(transport: str, who: str) -> str:
     return transport
 
 
+def _has_nccl(group: dist.ProcessGroup) -> bool:
+    try:
+        return "nccl" in str(dist.get_backend(group)).lower()
+    except (RuntimeError, ValueError):
+        return False
+
+
+def ring_group_name(tensor: torch.Tensor, group: dist.ProcessGroup) -> str:
+    """The name the ring collectives run on for ``tensor``: the group itself (Gloo for CPU tensors, NCCL for
+    CUDA tensors), or, for CUDA tensors on a group without NCCL (a Gloo group of processes that may share
+    one GPU), its CUDA IPC communicator, whose point-to-point exchanges carry the ring (every rank on one
+    node). The same answer on every rank."""
+    if not tensor.is_cuda or group.size() == 1 or _has_nccl(group):
+        return group.group_name
+    comm, why = resources(group).cuda_ipc(tensor.device)
+    if comm is None:
+        raise RuntimeError(f"all_reduce: CUDA tensors on a group without NCCL ({dist.get_backend(group)}) go through "
+                           f"CUDA IPC between its ranks, which cannot be used: {why}")
+    return comm
+
+
 def choose(tensor: torch.Tensor, group: dist.ProcessGroup, transport: str) -> str:
     """The transport that runs ``tensor``'s collective on ``group`` (the same on every rank)."""
     check(transport, "all_reduce")
+    if transport == "ipc" and not tensor.is_cuda:
+        raise ValueError(f"transport='ipc' needs CUDA tensors, got a tensor on {tensor.device}")
     if transport == "ring" or group.size() == 1:
         return "ring"
     if tensor.is_cuda:
-        if transport != "auto":
-            raise ValueError(f"transport={transport!r} needs CPU tensors (CUDA tensors use the ring over NCCL)")
+        if transport not in ("auto", "ipc"):
+            raise ValueError(f"transport={transport!r} needs CPU tensors (CUDA tensors use 'ipc' or the ring over NCCL)")
+        res = resources(group)
+        if transport == "auto" and not (res.layout.cuda_ipc_enabled and len(res.layout.hosts) == 1):
+            return "ring"
+        comm, why = res.cuda_ipc(tensor.device)
+        if comm is not None:
+            return "ipc"
+        if transport == "ipc":
+            raise RuntimeError(f"transport='ipc': {why}")
         return "ring"
     layout = resources(group).layout
     if transport == "auto":

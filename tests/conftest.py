@@ -18,6 +18,24 @@ def pytest_report_header(config):
     return f"pyparallel test seed: {_SEED} (replay with PYPARALLEL_TEST_SEED={_SEED})"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs CUDA code when a GPU is present (`pytest -m cuda`: make gpu-check)")
+
+
+def _uses_cuda(item) -> bool:
+    if "cuda" in item.nodeid.lower() or item.get_closest_marker("cuda") is not None:
+        return True
+    return any("cuda" in str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif"))
+
+
+def pytest_collection_modifyitems(config, items):
+    # Every test that runs CUDA code carries the `cuda` mark: by its name or parameters ("cuda"), by a
+    # "needs a CUDA device" skip, or marked by hand where neither shows it.
+    for item in items:
+        if _uses_cuda(item):
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything(request):
     # Fresh inputs on every run, reproducible from the printed seed plus the test's name.

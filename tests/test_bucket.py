@@ -21,6 +21,7 @@ def _random_params(count, devices=("cpu",)):
     return out
 
 
+@pytest.mark.cuda  # with a GPU, the parameters are spread over both devices
 def test_assignment_matches_reference():
     devices = ("cpu", "cuda") if CUDA else ("cpu",)
     for _ in range(50):

@@ -32,6 +32,7 @@ const char* collective_name(int64_t kind) {
     case Collective::kShmReduceScatter: return "shm reduce-scatter";
     case Collective::kShmAllGather: return "shm all-gather";
     case Collective::kHierarchical: return "hierarchical";
+    case Collective::kIpcAllReduce: return "CUDA IPC all-reduce";
   }
   return "unknown";
 }

@@ -1,6 +1,6 @@
 // What every rank states before a collective moves data, and the one place where the collectives and
 // the header's fields are numbered and named (the ring, the sparse all-gather, shared memory and the
-// hierarchical composition all use these).
+// hierarchical composition, CUDA IPC all use these).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,6 +20,7 @@ enum class Collective : int64_t {
   kShmReduceScatter = 4,
   kShmAllGather = 5,
   kHierarchical = 6,  // param: the inter-host compression (a Collective) * 2^32 + its parameter
+  kIpcAllReduce = 7,  // CUDA IPC all-reduce (csrc/comm/ipc.h)
 };
 
 const char* collective_name(int64_t kind);

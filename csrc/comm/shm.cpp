@@ -14,11 +14,11 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
-#include <fstream>
 #include <mutex>
 #include <sstream>
 #include <unordered_map>
 
+#include "comm/process.h"
 #include "common.h"
 #include "cpu/reduce.h"
 
@@ -72,19 +72,6 @@ int64_t segment_bytes(int64_t local_size, int64_t slot_bytes) {
 }
 
 std::string errno_text() { return std::strerror(errno); }
-
-// Alive unless /proc says it is gone or a zombie (a killed child not yet reaped still has an entry).
-bool process_alive(int pid) {
-  if (pid <= 0) return true;  // not attached yet: only the timeout can tell
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  if (!stat) return false;
-  std::string line;
-  std::getline(stat, line);
-  const size_t paren = line.rfind(')');
-  if (paren == std::string::npos || paren + 2 >= line.size()) return true;
-  const char state = line[paren + 2];
-  return state != 'Z' && state != 'X';
-}
 
 long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* timeout) {
   // Not FUTEX_PRIVATE_FLAG: the word is shared between processes.

@@ -4,8 +4,10 @@
 // Collectives (the dense and int8 rings, the sparse all-gather, the hierarchical composition) are written
 // against two small pieces, never against c10d directly:
 //  - Transport: rank, size, and point-to-point transfers (send, receive, or both as one exchange) that
-//    return a Transfer handle to wait on. transport_for(group, tensor) is the factory; today it returns
-//    the c10d implementation (the group's own send/recv: Gloo for CPU tensors, NCCL for CUDA tensors).
+//    return a Transfer handle to wait on. transport_for(group, tensor) is the factory: the c10d
+//    implementation (the group's own send/recv: Gloo for CPU tensors, NCCL for CUDA tensors), or, for
+//    CUDA tensors and the name of a CUDA IPC communicator, the CUDA IPC one (ipc.h: processes of one node,
+//    also several on one GPU, where NCCL refuses).
 //  - Session (session.h): one collective's use of a transport: its message tags, the header check
 //    (over the transport itself, never a collective on the caller's group, which the caller's own thread
 //    may be using at the same moment), the transfers it posted, and keeping their buffers alive if it

@@ -1,8 +1,10 @@
 // The c10d point-to-point transport (transport.h): the process group's own send/recv, found by name with
-// c10d::resolve_process_group exactly as torch's functional collectives do. No sockets of our own.
+// c10d::resolve_process_group exactly as torch's functional collectives do. No sockets of our own. The
+// factory transport_for() also hands out the CUDA IPC transport (ipc.h) for a CUDA IPC communicator's name.
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include "comm/ipc.h"
 #include "comm/transport.h"
 
 namespace pyparallel {
@@ -79,6 +81,11 @@ class C10dTransport final : public Transport {
 }  // namespace
 
 std::shared_ptr<Transport> transport_for(const std::string& group, const at::Tensor& like) {
+#ifdef PYPARALLEL_WITH_CUDA
+  if (like.is_cuda()) {  // a CUDA IPC communicator's name (pyparallel/transport.py picks it: ipc.h)
+    if (auto ipc = ipc_transport_for(group)) return ipc;
+  }
+#endif
   c10::intrusive_ptr<c10d::ProcessGroup> twin;
   if (!like.is_cuda()) {
     try {
