@@ -76,3 +76,18 @@ def check_same_tensors(groups: dict[str, list[TensorSpec]], group: dist.ProcessG
             diff = first_difference(kind, specs, theirs[kind], r)
             if diff is not None:
                 raise ValueError(f"{who}: every rank must hold the same model, but {diff}")
+
+
+def broadcast_from_first_rank(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    """Overwrites ``tensors`` with the group's rank 0's, one flat broadcast per (dtype, device) (after the
+    checks above, so that every rank's tensors line up)."""
+    from . import ops  # the compiled extension: not needed by the checks above
+
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    by_kind: dict = {}
+    for t in tensors:
+        by_kind.setdefault((t.dtype, t.device), []).append(t.detach())
+    for kind in by_kind.values():
+        flat = ops.bucket_flatten(kind)
+        dist.broadcast(flat, src=src, group=group)
+        ops.bucket_unflatten(flat, kind)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import hooks, ops, reducer
-from .consistency import check_same_tensors, tensor_specs
+from .consistency import broadcast_from_first_rank, check_same_tensors, tensor_specs
 
 
 class DataParallel(nn.Module):
@@ -131,14 +131,7 @@ class DataParallel(nn.Module):
     # ---- reduction during backward ----
 
     def _broadcast(self, tensors: list[torch.Tensor]) -> None:
-        src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
-        by_kind: dict = {}
-        for t in tensors:
-            by_kind.setdefault((t.dtype, t.device), []).append(t)
-        for group in by_kind.values():
-            flat = ops.bucket_flatten([t.detach() for t in group])
-            dist.broadcast(flat, src=src, group=self.process_group)
-            ops.bucket_unflatten(flat, [t.detach() for t in group])
+        broadcast_from_first_rank(tensors, self.process_group)
 
     def _arm(self) -> None:
         self._reducer.start()

@@ -66,6 +66,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import comm, ops
+from .consistency import broadcast_from_first_rank
 from .transport import check as check_transport
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -141,17 +142,6 @@ def _by_kind(tensors: list[torch.Tensor], indices: list[int]) -> list[list[int]]
     for i in indices:
         groups.setdefault((tensors[i].dtype, tensors[i].device), []).append(i)
     return list(groups.values())
-
-
-def broadcast_from_first_rank(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
-    """Overwrites ``tensors`` with the group's rank 0's, one flat broadcast per (dtype, device)."""
-    src = dist.get_global_rank(group, 0) if group is not None else 0
-    tensors = [t.detach() for t in tensors]
-    for kind in _by_kind(tensors, list(range(len(tensors)))):
-        kind = [tensors[i] for i in kind]
-        flat = ops.bucket_flatten(kind)
-        dist.broadcast(flat, src=src, group=group)
-        ops.bucket_unflatten(flat, kind)
 
 
 def _check_identical(names: list[str], params: list[torch.Tensor], group, who: str) -> None:
