@@ -195,16 +195,22 @@ class PowerSGDState(hooks.HookState):
     # ---- keys and layouts (Note [PowerSGD state]) ----
 
     def _param_keys(self, params: list[torch.Tensor]) -> tuple[int, ...]:
-        """The parameters' keys; a parameter seen for the first time gets the next one."""
+        """The parameters' keys: with a registered model (``register_model``; DataParallel and
+        ``python -m pyparallel.train`` register theirs) its position in the model, as every hook keys its
+        state (Note [Hook state keyed by parameter], param_keys.py), so a checkpoint outlives a change of
+        wrapper or bucketing; without one, the order the hook first sees the parameters in."""
         out = []
         for p in params:
             entry = self._key_of.get(id(p))
             if entry is None or entry[0]() is not p:
-                key = self._next_key
-                self._next_key += 1
+                if self.model_registered:
+                    key = self._keys.key(p)[0]
+                else:
+                    key = self._next_key
+                    self._next_key += 1
                 expected = self._shape_of.get(key)
                 if expected is not None and expected != tuple(p.shape):
-                    raise ValueError(f"PowerSGDState: parameter {key} (in the order the hook first sees them) has "
+                    raise ValueError(f"PowerSGDState: parameter {key} (by model position or first sight) has "
                                      f"shape {tuple(p.shape)}, but the state holds one of shape {expected} (from "
                                      "load_state_dict): the model or its bucketing differs from the checkpoint's")
                 self._shape_of[key] = tuple(p.shape)
