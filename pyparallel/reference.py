@@ -151,7 +151,7 @@ def _chunks(numel: int, n: int, align: int) -> list[slice]:
     return [slice(segs[0].start, segs[-1].stop) for segs in ring_partition(numel, n, align, 1 << 62)]
 
 
-CARRY_BYTES = 16 << 10  # kCarryBytes, csrc/comm/transport.h
+CARRY_BYTES = 64 << 10  # kCarryBytes, csrc/comm/transport.h
 
 
 def dense_all_reduce(inputs: list[torch.Tensor], average: bool = False) -> torch.Tensor:

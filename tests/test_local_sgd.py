@@ -452,7 +452,9 @@ def test_step_on_one_rank_raises_within_the_timeout(dist_pool, transport, overla
     elapsed, message = value
     assert message is not None and "Every rank of the group must call step() the same number of times" in message, \
         message
-    assert elapsed < 3 + 10, f"raised after {elapsed:.1f} s, group timeout 3 s: {message}"
+    # Never a hang. The first collective's layout exchange waits on the pool's FileStore, whose polling
+    # took up to 16 s (3 s timeout) once on the loaded 2-core VM: hence the margin.
+    assert elapsed < 3 + 22, f"raised after {elapsed:.1f} s, group timeout 3 s: {message}"
 
 
 def test_train_digits_localsgd_and_diloco(dist_pool):

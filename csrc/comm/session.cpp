@@ -103,7 +103,7 @@ void Session::exchange_headers(const CollectiveHeader& header, const char* op, c
   if (transport_->has_all_gather()) {  // Note [Carried header]
     const int64_t nbytes = carry == nullptr ? -1 : carry->numel() * carry->element_size();
     carried_ = nbytes >= 0 && nbytes <= kCarryBytes;
-    const int64_t row = kHeaderBytes + (carried_ ? kCarryBytes : 0);
+    const int64_t row = kHeaderBytes + (carried_ ? carry_tier(nbytes) : 0);
     at::Tensor in = at::zeros({row}, at::kByte);  // zeros: the unused bytes are the same on every rank
     std::memcpy(in.data_ptr(), mine.data(), kHeaderBytes);
     if (nbytes > 0 && carried_) {

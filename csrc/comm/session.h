@@ -78,7 +78,7 @@ class Session {
   int64_t bytes_sent_ = 0;
   std::deque<Step> steps_;
   bool carried_ = false;
-  at::Tensor rows_;  // the carried all-gather: [size, header + kCarryBytes] bytes
+  at::Tensor rows_;  // the carried all-gather: [size, header + carry tier] bytes
 };
 
 // Forgets a group's collective numbers and failure (after the group is destroyed: a new group may reuse
