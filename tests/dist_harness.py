@@ -110,3 +110,21 @@ class WorkerPool:
         for p in self._procs:
             p.join(max(0.0, deadline - time.monotonic()))
         self.kill()
+
+
+def assert_survivors_named_the_dead_rank(outcomes, dead: int, timeout_s: float) -> None:
+    """For ``pool.outcomes`` of a case in which rank ``dead`` is SIGKILLed mid-collective and every other rank
+    returns (first, later): its first failing collective as (seconds, first line of the error) and the next
+    collective's likewise. Each survivor must have raised, naming the dead rank, within ``timeout_s`` (the
+    group's timeout), and its next collective must have raised at once, saying an earlier one failed."""
+    assert outcomes[dead][0] == "died"
+    for rank, (status, value) in enumerate(outcomes):
+        if rank == dead:
+            continue
+        assert status == "ok", value
+        first, later = value
+        assert first is not None, "the surviving rank must raise"
+        elapsed, message = first
+        assert f"rank {dead}" in message and "died" in message, message
+        assert elapsed < timeout_s, f"raised after {elapsed:.1f} s (group timeout {timeout_s:.0f} s)"
+        assert later is not None and later[0] < 1 and "earlier" in later[1], later
