@@ -166,3 +166,15 @@ class LinkEmulation:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def wire_tx_bytes() -> int | None:
+    """Bytes this process's network namespace has sent on its emulated link (IFNAME), or None outside
+    one (on loopback every rank shares ``lo``, so no per-rank count exists). Counts what reaches the
+    wire: payload plus TCP/IP headers, every collective and store message included."""
+    with open("/proc/self/net/dev") as f:
+        for line in f:
+            name, _, counters = line.partition(":")
+            if name.strip() == IFNAME:
+                return int(counters.split()[8])  # receive: 8 fields, then transmit bytes
+    return None

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import time_to_target  # noqa: E402
 from launch import launch  # noqa: E402
 
 HOOKS = ("allreduce", "fp16", "int8", "topk", "powersgd")
@@ -38,18 +39,11 @@ HOOKS = ("allreduce", "fp16", "int8", "topk", "powersgd")
 def step_times(args, wrapper: str, hook: str) -> dict:
     from pyparallel import train
 
-    cfg = train.parser().parse_args(["--hook", hook if hook != "builtin" else "allreduce", "--ddp", wrapper,
+    cfg = train.parser().parse_args(["--hook", hook, "--ddp", "torch" if hook == "builtin" else wrapper,
                                      "--hidden", str(args.hidden), "--layers", str(args.layers),
                                      "--ratio", str(args.ratio), "--powersgd-rank", str(args.powersgd_ranks[0]),
                                      "--powersgd-start-iter", "0"])
-    train.resolve_defaults(cfg)  # the task's learning rate, batch size and epochs
-    if hook == "builtin":  # torch DDP with its own all-reduce: no hook at all
-        model = train.make_model(args.hidden, args.layers, cfg.seed)
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
-        state = None
-    else:
-        model, wrapped, state, optimizer = train.build(cfg, torch.device("cpu"))
+    model, wrapped, state, optimizer = train.build(cfg, torch.device("cpu"))
     x, y, _, _ = train.load_digits_split(cfg.seed)
     rank = dist.get_rank()
     times, sent0 = [], state.bytes_sent if state else 0
@@ -193,6 +187,13 @@ def worker(args) -> int:
         report["powersgd"] = rows
         if rank == 0:
             print_powersgd(rows, args)
+    if "ttt" in args.parts:
+        report["time_to_target"] = time_to_target.run_all(args)
+        if rank == 0 and args.ttt_plot:
+            link = "loopback" if args.link_gbit is None else f"{args.link_gbit:g} Gbit/s links"
+            time_to_target.plot(report["time_to_target"], args.ttt_plot,
+                                f"charlm (2.5M parameters), {args.ranks} ranks, {link}")
+            print(f"# wrote {args.ttt_plot}")
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", "--ranks", type=int, default=2)
-    p.add_argument("--parts", default="time,curves", help="comma list of: time, curves, powersgd")
+    p.add_argument("--parts", default="time,curves", help="comma list of: time, curves, powersgd, ttt")
     p.add_argument("--hidden", type=int, default=2560, help="step-time model: hidden units")
     p.add_argument("--layers", type=int, default=3, help="step-time model: hidden layers")
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
@@ -216,6 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--powersgd-ranks", type=lambda v: [int(x) for x in v.split(",")], default=[2, 4],
                    help="powersgd: comma list of matrix approximation ranks (the time part uses the first)")
     p.add_argument("--repeats", type=int, default=3, help="powersgd: runs of each variant")
+    time_to_target.add_arguments(p)
+    p.add_argument("--ttt-plot", metavar="PNG", default="bench-out/time_to_target.png")
     p.add_argument("--link-gbit", type=float, default=None, help="emulate links of this many Gbit/s (root)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PNG", default="bench-out/train_curves.png")
@@ -226,8 +229,9 @@ def main(argv=None) -> int:
     if args.worker:
         args.cmd = " ".join(["benchmarks/train.py"] + argv[: argv.index("--worker")])
         return worker(args)
-    if args.plot:
-        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+    for path in (args.plot, args.ttt_plot):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return launch(__file__, argv, args.ranks, args.link_gbit, timeout_s=3600)
 
 

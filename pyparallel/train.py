@@ -48,6 +48,8 @@ from .transport import TRANSPORTS
 ALGOS = ("ddp", "localsgd", "diloco")
 
 HOOKS = {
+    # torch DDP's own all-reduce (Gloo / NCCL), no hook: the baseline users start from (--ddp torch only).
+    "builtin": (None, lambda a: None),
     "allreduce": (hooks.allreduce_hook, lambda a: hooks.HookState(transport=a.transport)),
     "fp16": (hooks.fp16_hook, lambda a: hooks.HookState(transport=a.transport)),
     "bf16": (hooks.bf16_hook, lambda a: hooks.HookState(transport=a.transport)),
@@ -139,6 +141,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue from DIR's newest complete checkpoint")
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many steps in total (benchmarks)")
+    p.add_argument("--max-seconds", type=positive_float, default=None,
+                   help="stop at the first evaluation after this much training time (rank 0's clock; benchmarks)")
     p.add_argument("--nproc", type=positive_int, default=None, help="start this many local ranks (instead of torchrun)")
     p.add_argument("--timeout", type=positive_float, default=300, metavar="SECONDS",
                    help="process group timeout: a rank that stops answering makes the others fail after this long")
@@ -177,12 +181,15 @@ def build(args, device: torch.device, task=None):
                                outer_optimizer=outer_sgd(args.outer_lr, args.outer_momentum), **common)
         return model, model, None, optimizer
     hook, make_state = HOOKS[args.hook]
+    if hook is None and args.ddp != "torch":
+        raise ValueError("--hook builtin is torch DDP's own all-reduce: it needs --ddp torch")
     state = make_state(args)
     if isinstance(state, hooks.HookState):  # not torch's PowerSGDState (--hook torch-powersgd)
         state.register_model(model)  # residuals keyed by parameter name, checkpoints portable
     if args.ddp == "torch":
         wrapped = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
-        wrapped.register_comm_hook(state, hook)
+        if hook is not None:
+            wrapped.register_comm_hook(state, hook)
     else:
         wrapped = DataParallel(model, bucket_cap_mb=args.bucket_cap_mb, comm_hook=hook, hook_state=state)
     optimizer = task.optimizer(model.parameters())
@@ -260,14 +267,17 @@ def check_run(args, world: int, resume_step: int | None = None, task=None) -> No
 
 
 def _bytes_sent(state, optimizer) -> int | None:
-    """Bytes this rank has sent so far, or None where the hook's state does not count (torch's PowerSGD)."""
+    """Bytes this rank has sent so far, or None where nothing counts them (torch's own all-reduce and
+    PowerSGD)."""
     if state is None:
-        return getattr(optimizer, "bytes_sent", 0)
+        return getattr(optimizer, "bytes_sent", None)  # LocalSGD / DiLoCo count theirs; a torch optimizer does not
     return getattr(state, "bytes_sent", None)
 
 
-def run(args) -> dict:
-    """Trains in an initialized process group; returns rank-local results (rank 0's are the summary)."""
+def run(args, wire_bytes=None) -> dict:
+    """Trains in an initialized process group; returns rank-local results (rank 0's are the summary).
+    ``wire_bytes``: optional zero-argument callable (benchmarks: a network interface's byte counter)
+    whose value is recorded with every evaluation."""
     resolve_defaults(args)
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.threads:
@@ -325,10 +335,13 @@ def run(args) -> dict:
         held_out = evaluate_now()
         curve.append({"epoch": epoch, "step": step, "loss": loss.item() if loss is not None else None,
                       "val_loss": held_out["loss"], "test_accuracy": held_out["accuracy"], "seconds": elapsed,
-                      "bytes_sent": _bytes_sent(state, optimizer)})
+                      "bytes_sent": _bytes_sent(state, optimizer),
+                      "wire_bytes": wire_bytes() if wire_bytes else None})
         if saving and not args.checkpoint_every:
             _save(args, rank, world, step, model, optimizer, state)
         if args.max_steps is not None and step >= args.max_steps:
+            break
+        if args.max_seconds is not None and _out_of_time(elapsed, args.max_seconds):
             break
     if progress is not None:
         progress.close()
@@ -357,6 +370,13 @@ def run(args) -> dict:
         "parameter_digest": parameter_digest(model),
         "final_parameters": [p.detach().cpu().clone() for p in model.parameters()],
     }
+
+
+def _out_of_time(elapsed: float, limit: float) -> bool:
+    """Whether rank 0 has trained ``limit`` seconds: every rank stops at the same evaluation (clocks differ)."""
+    t = torch.tensor([elapsed], dtype=torch.float64)
+    dist.broadcast(t, 0)
+    return t.item() >= limit
 
 
 def describe(result: dict) -> str:

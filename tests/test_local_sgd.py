@@ -501,3 +501,27 @@ def test_stdlib_corpus_split():
     assert files == sorted(files) and len(files) >= 10
     assert train.dtype == torch.int64 and 0 < val.numel() < train.numel()
     assert int(train.max()) < 256 and int(val.min()) >= 0
+
+
+def _builtin_with_pyparallel_wrapper(_):
+    try:
+        _train(dict(hook="builtin", ddp="pyparallel", epochs=1, hidden=16))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_train_builtin_ddp_and_max_seconds(dist_pool):
+    """--hook builtin is torch DDP's own all-reduce (counted by nothing); --max-seconds stops every rank at
+    the same evaluation even though their clocks differ (the benchmarks' time budgets)."""
+    tiny = dict(task="charlm", context=16, d_model=32, n_layers=1, n_heads=2, steps_per_epoch=4, epochs=50,
+                batch_size=4, val_windows=8)
+    pool = dist_pool(2)
+    out = pool.run(_train, dict(tiny, hook="builtin", ddp="torch", max_seconds=1e-6), timeout=300)
+    assert [r["steps"] for r in out] == [4, 4]  # one evaluation, then out of time on both ranks
+    assert out[0]["bytes_sent_per_step"] is None
+    assert all(torch.equal(p, q) for p, q in zip(out[0]["final_parameters"], out[1]["final_parameters"]))
+    diloco = pool.run(_train, dict(tiny, algo="diloco", sync_every=2, epochs=3, max_seconds=1e9), timeout=300)
+    assert [r["steps"] for r in diloco] == [12, 12] and diloco[0]["bytes_sent_per_step"] > 0
+    messages = pool.run(_builtin_with_pyparallel_wrapper, None, timeout=300)
+    assert all(m is not None and "--hook builtin" in m and "--ddp torch" in m for m in messages), messages
