@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import datetime
 import hashlib
+import importlib.metadata
 import os
 import socket
 import time
@@ -119,7 +120,6 @@ def run(cfg, sync_every: int, outer_lr: float = 0.7, outer_momentum: float = 0.9
         raise RuntimeError("torchft_diloco.run: MASTER_ADDR is not set (rank 0's address: the lighthouse is "
                            "announced there and every replica announces its interface towards it)")
     try:
-        import torchft
         from torchft.local_sgd import DiLoCo
         from torchft.process_group import ProcessGroupGloo
 
@@ -168,6 +168,7 @@ def run(cfg, sync_every: int, outer_lr: float = 0.7, outer_momentum: float = 0.9
                         bytes_sent, device)
         result["quorum_changes"] = manager._quorum_id - first_quorum  # 0: one Gloo group for the whole run
         result["setup_seconds"] = setup_seconds
+        result["replica_address"] = my_ip  # what this replica announced (its store and manager server)
         dist.barrier()  # every replica is past its last quorum before the lighthouse goes
     finally:
         if manager is not None:
@@ -176,7 +177,7 @@ def run(cfg, sync_every: int, outer_lr: float = 0.7, outer_momentum: float = 0.9
             group.shutdown()
         if lighthouse is not None:
             lighthouse.shutdown()
-    result["torchft_version"] = getattr(torchft, "__version__", "0.2.0")
+    result["torchft_version"] = importlib.metadata.version("torchft")
     return result
 
 
@@ -202,7 +203,6 @@ def _count_allreduce_bytes(manager) -> list[int]:
 def _train(cfg, task, model, inner, outer, manager, DiLoCo, sync_every: int, use_bucketization: bool,
            bytes_sent: list[int], device: torch.device) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    steps_per_epoch = task.steps_per_epoch(world)
     eval_model = copy.deepcopy(model)
     names = [name for name, _ in model.named_parameters()]
     diloco = DiLoCo(manager, [model], inner, outer, sync_every=sync_every, use_bucketization=use_bucketization)
@@ -219,6 +219,17 @@ def _train(cfg, task, model, inner, outer, manager, DiLoCo, sync_every: int, use
                 params[name].copy_(fragment.original_parameters[name])
         return task.evaluate(eval_model, device)
 
+    # Time in DiLoCo's post-step hook: on a sync step the quorum, the pseudo-gradient all-reduces, the
+    # commit vote and the outer step (and any wait for a slower replica); otherwise a counter increment.
+    # (Wrapped before __enter__ registers it.)
+    sync_seconds, post_step = [0.0], diloco._step_post_hook
+
+    def timed_post_step(*args) -> None:
+        t = time.perf_counter()
+        post_step(*args)
+        sync_seconds[0] += time.perf_counter() - t
+
+    diloco._step_post_hook = timed_post_step
     curve, elapsed, step, loss = [], 0.0, 0, None
     syncs_before = manager.current_step()
     with diloco:
@@ -256,6 +267,7 @@ def _train(cfg, task, model, inner, outer, manager, DiLoCo, sync_every: int, use
         "samples_per_s": step * cfg.batch_size * world / elapsed if elapsed else None,
         "seconds_per_step": elapsed / step if step else None,
         "seconds": elapsed,
+        "sync_seconds": sync_seconds[0],
         "bytes_sent_per_step": bytes_sent[0] / step if step else None,
         "curve": curve,
         "parameter_digest": _digest(model.parameters()),
@@ -275,11 +287,13 @@ def _check(args) -> int:
     timeout = datetime.timedelta(seconds=60)
     dist.init_process_group("gloo", init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.ranks,
                             timeout=timeout)
-    argv = ["--task", "charlm", "--d-model", "64", "--n-layers", "1", "--batch-size", "2", "--steps-per-epoch",
-            str(args.steps_per_epoch), "--epochs", "2", "--threads", "1", "--timeout", "60"]
+    argv = ["--task", "charlm", "--d-model", str(args.d_model), "--n-layers", str(args.n_layers), "--batch-size",
+            str(args.batch_size), "--steps-per-epoch", str(args.steps_per_epoch), "--epochs", "2", "--threads", "1",
+            "--timeout", "60"]
     synced_at_end = (2 * args.steps_per_epoch) % args.sync_every == 0
     for attempt in range(args.repeat):
-        result = run(train.resolve_defaults(train.parser().parse_args(argv)), args.sync_every)
+        result = run(train.resolve_defaults(train.parser().parse_args(argv)), args.sync_every,
+                     use_bucketization=args.bucketize)
         final = result.pop("final_parameters")
         # the default group still works after torchft's teardown, and every rank holds the same global model
         # (and the same local one when the run ended on a sync)
@@ -299,7 +313,7 @@ def _check(args) -> int:
                                  f"the ring's 2(n-1)/n x {fp32} fp32 bytes")
         if args.rank == 0:
             print(f"run {attempt}: {json.dumps(result, indent=2)}", flush=True)
-    if synced_at_end:
+    if synced_at_end and not args.no_compare:
         # The same training with pyparallel's DiLoCo (same data, inner and outer optimizers, H): the same
         # algorithm, so the same parameters up to the rounding of the averages. (When the run does not end
         # on a sync, pyparallel's run() synchronises the remaining steps and torchft's does not.)
@@ -328,6 +342,11 @@ def main(argv=None) -> int:
     p.add_argument("--sync-every", type=int, default=5)
     p.add_argument("--steps-per-epoch", type=int, default=10)
     p.add_argument("--repeat", type=int, default=1, help="runs in the same processes (teardown check)")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--n-layers", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--no-compare", action="store_true", help="skip the run with pyparallel's DiLoCo")
+    p.add_argument("--bucketize", action="store_true", help="torchft's use_bucketization (one flat all-reduce)")
     p.add_argument("--link-gbit", type=float, default=None,
                    help="one network namespace per rank with links of this many Gbit/s (root)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
