@@ -244,7 +244,7 @@ class TrainingState:
 def make_manager(group: ManagedGroup, training: TrainingState, *, lighthouse: str, replica_id: str,
                  min_replicas: int = 1, timeout: datetime.timedelta = datetime.timedelta(seconds=60),
                  quorum_timeout: datetime.timedelta | None = None, store: dist.TCPStore | None = None,
-                 store_host: str | None = None, init_sync: bool = True,
+                 store_host: str | None = None, hostname: str | None = None, init_sync: bool = True,
                  max_failed_steps: int | None = 10) -> torchft.Manager:
     """A :class:`torchft.Manager` for this replica (one rank), with ``training`` as the state a healing
     peer gets.
@@ -259,6 +259,9 @@ def make_manager(group: ManagedGroup, training: TrainingState, *, lighthouse: st
         store: this replica's TCPStore (default: a new one on a free port, hosted here). The quorum's
             process group rendezvouses through one replica's store.
         store_host: the name other replicas reach ``store`` by (default: this host's name).
+        hostname: the name other replicas and the lighthouse reach this replica's manager server by
+            (default: this host's name; give an address when replicas live in network namespaces of
+            their own, where the host's name does not lead to this replica).
         init_sync: heal every replica from one peer at step 0 (keep it unless every replica builds
             bitwise-identical initial state).
         max_failed_steps: raise (ending the replica, which its launcher may restart) after this many
@@ -277,7 +280,7 @@ def make_manager(group: ManagedGroup, training: TrainingState, *, lighthouse: st
         use_async_quorum=False, timeout=timeout, quorum_timeout=quorum_timeout or timeout,
         connect_timeout=timeout, rank=0, world_size=1, store_addr=store_host,
         store_port=store.port, lighthouse_addr=lighthouse, replica_id=replica_id, init_sync=init_sync,
-        max_retries=max_failed_steps)
+        max_retries=max_failed_steps, hostname=hostname or socket.gethostname())
     manager.register_state_dict_fn("pyparallel", training.load_state_dict, training.state_dict)
     manager._pyparallel_store = store  # the manager's servers talk to it: it must live as long
     return manager
