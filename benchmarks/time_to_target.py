@@ -42,6 +42,9 @@ ROWS = (  # (name, pyparallel.train options); None: torchft's DiLoCo (benchmarks
     ("diloco H=50 int8", ["--algo", "diloco"] + H50 + INT8),
     ("diloco H=50 overlap", ["--algo", "diloco"] + H50 + OVERLAP),
     ("diloco H=50 int8 overlap", ["--algo", "diloco"] + H50 + INT8 + OVERLAP),
+    # The outer step that suits this short run (a dozen outer steps): averaging, no outer momentum.
+    ("diloco H=50 int8 overlap lr1 m0", ["--algo", "diloco"] + H50 + INT8 + OVERLAP
+     + ["--outer-lr", "1", "--outer-momentum", "0"]),
     ("diloco H=50 (torchft)", None),
 )
 
@@ -90,7 +93,7 @@ def run_row(args, name: str, options, max_steps: int, max_seconds: float | None)
         import torchft_diloco
 
         try:
-            result = torchft_diloco.run(cfg, sync_every=50)
+            result = torchft_diloco.run(cfg, sync_every=50, wire_bytes=wire_tx_bytes if start_wire is not None else None)
         except Exception as exc:  # noqa: BLE001  (reported in the table: why torchft's DiLoCo did not run)
             return dict(name=name, error=f"{type(exc).__name__}: {exc}")
     else:
@@ -134,20 +137,20 @@ def print_header(args, target: float, reference: float) -> None:
           f"target = DDP fp32's validation loss after {args.ttt_steps} steps = {target:.4f} (reached in "
           f"{reference:.1f} s); others train <= {args.ttt_budget:g}x that long; evaluation every "
           f"{args.ttt_eval_every} steps")
-    print(f"# {'row':<26} {'ms/step':>8} {'to target':>10} {'vs ddp':>7} {'MB to target':>12} {'fewer bytes':>11} "
+    print(f"# {'row':<32} {'ms/step':>8} {'to target':>10} {'vs ddp':>7} {'MB to target':>12} {'fewer bytes':>11} "
           f"{'steps':>6} {'final loss':>10}", flush=True)
 
 
 def print_row(row: dict, ddp: dict, target: float) -> None:
     if "error" in row:
-        print(f"  {row['name']:<26} did not run: {row['error']}", flush=True)
+        print(f"  {row['name']:<32} did not run: {row['error']}", flush=True)
         return
     hit, ddp_hit = reached(row, target), ddp["points"][-1]
     when = f"{hit['seconds']:.1f} s" if hit else "not reached"
     ratio = f"{hit['seconds'] / ddp_hit['seconds']:.2f}" if hit else "-"
     mb = f"{hit['bytes'] / 1e6:.2f}" if hit and hit["bytes"] is not None else "-"
     fewer = (f"{ddp_hit['bytes'] / hit['bytes']:.0f}x" if hit and hit["bytes"] and ddp_hit["bytes"] else "-")
-    print(f"  {row['name']:<26} {row['ms_per_step']:>8.1f} {when:>10} {ratio:>7} {mb:>12} {fewer:>11} "
+    print(f"  {row['name']:<32} {row['ms_per_step']:>8.1f} {when:>10} {ratio:>7} {mb:>12} {fewer:>11} "
           f"{row['steps']:>6} {row['final_val_loss']:>10.4f}", flush=True)
 
 

@@ -89,7 +89,7 @@ def _start_lighthouse(rank: int, world: int, master_addr: str):
 
 
 def run(cfg, sync_every: int, outer_lr: float = 0.7, outer_momentum: float = 0.9, *,
-        use_bucketization: bool = False) -> dict:
+        use_bucketization: bool = False, wire_bytes=None) -> dict:
     """Trains ``cfg``'s charlm task with torchft 0.2.0's DiLoCo; returns this rank's results.
 
     Args:
@@ -165,7 +165,7 @@ def run(cfg, sync_every: int, outer_lr: float = 0.7, outer_momentum: float = 0.9
         first_quorum = manager._quorum_id
 
         result = _train(cfg, task, model, inner, outer, manager, DiLoCo, sync_every, use_bucketization,
-                        bytes_sent, device)
+                        bytes_sent, device, wire_bytes=wire_bytes)
         result["quorum_changes"] = manager._quorum_id - first_quorum  # 0: one Gloo group for the whole run
         result["setup_seconds"] = setup_seconds
         result["replica_address"] = my_ip  # what this replica announced (its store and manager server)
@@ -201,7 +201,7 @@ def _count_allreduce_bytes(manager) -> list[int]:
 
 
 def _train(cfg, task, model, inner, outer, manager, DiLoCo, sync_every: int, use_bucketization: bool,
-           bytes_sent: list[int], device: torch.device) -> dict:
+           bytes_sent: list[int], device: torch.device, wire_bytes=None) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     eval_model = copy.deepcopy(model)
     names = [name for name, _ in model.named_parameters()]
@@ -250,8 +250,11 @@ def _train(cfg, task, model, inner, outer, manager, DiLoCo, sync_every: int, use
             held_out = evaluate_global()
             curve.append({"epoch": epoch, "step": step, "loss": loss.item() if loss is not None else None,
                           "val_loss": held_out["loss"], "test_accuracy": held_out["accuracy"],
-                          "seconds": elapsed, "bytes_sent": bytes_sent[0]})
+                          "seconds": elapsed, "bytes_sent": bytes_sent[0],
+                          "wire_bytes": wire_bytes() if wire_bytes else None})
             if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+            if cfg.max_seconds is not None and train.out_of_time(elapsed, cfg.max_seconds):
                 break
     # No final sync: torchft's DiLoCo has no call for one, so the steps after the last sync (step % H of
     # them) never reach the global model; the summary is the last evaluation (global parameters).

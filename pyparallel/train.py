@@ -341,7 +341,7 @@ def run(args, wire_bytes=None) -> dict:
             _save(args, rank, world, step, model, optimizer, state)
         if args.max_steps is not None and step >= args.max_steps:
             break
-        if args.max_seconds is not None and _out_of_time(elapsed, args.max_seconds):
+        if args.max_seconds is not None and out_of_time(elapsed, args.max_seconds):
             break
     if progress is not None:
         progress.close()
@@ -372,7 +372,7 @@ def run(args, wire_bytes=None) -> dict:
     }
 
 
-def _out_of_time(elapsed: float, limit: float) -> bool:
+def out_of_time(elapsed: float, limit: float) -> bool:
     """Whether rank 0 has trained ``limit`` seconds: every rank stops at the same evaluation (clocks differ)."""
     t = torch.tensor([elapsed], dtype=torch.float64)
     dist.broadcast(t, 0)
