@@ -150,6 +150,9 @@ def collective(tensor: torch.Tensor, group: dist.ProcessGroup, average: bool, co
                transport: str = "auto") -> int:
     """Runs one collective on the calling thread; returns the bytes this rank sent across hosts (0 when
     it all went through shared memory)."""
+    composed = getattr(group, "pyparallel_all_reduce", None)
+    if composed is not None:  # a group made of groups (pyparallel.fault_tolerance.ReplicaGroup) reduces itself
+        return composed(tensor, average, compression, transport)
     code, params = _kind(compression)
     path = _transport.choose(tensor, group, transport)
     if path == "ring":

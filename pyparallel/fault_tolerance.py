@@ -48,6 +48,7 @@ from torch import nn
 from . import comm
 from . import transport as _transport
 from .data_parallel import DataParallel
+from .reference import shm_regions
 
 try:
     import torchft
@@ -66,16 +67,30 @@ class ManagedGroup(ProcessGroupGloo):
     previous quorum's group first, so no collective counter, failure mark, worker thread or shared-memory
     segment of a dead quorum leaks into the next one.
 
+    With several ranks per replica (``replica_group``: the c10d group of this replica's L processes),
+    torchft gives each local rank l a manager of its own, and this group of local rank l connects local
+    rank l of every replica in the quorum; the hooks then run on a :class:`ReplicaGroup` made of the two
+    (:meth:`hook_group`): exact inside the replica, compressed across replicas.
+
     Args:
         timeout: timeout of the group's operations and store (a dead peer that does not close its
             connections is noticed after this long).
+        replica_group: this replica's own group (every rank on this host), or None for one rank per
+            replica.
     """
 
-    def __init__(self, timeout: datetime.timedelta = datetime.timedelta(seconds=60)):
+    def __init__(self, timeout: datetime.timedelta = datetime.timedelta(seconds=60),
+                 replica_group: dist.ProcessGroup | None = None):
         super().__init__(timeout=timeout)
         self._current: dist.ProcessGroup | None = None
+        self._hook_group: ReplicaGroup | None = None
         self._current_lock = threading.Lock()
         self.generations = 0  # groups created so far (one per quorum change)
+        self.replica_group = replica_group if replica_group is not None and replica_group.size() > 1 else None
+
+    @property
+    def ranks_per_replica(self) -> int:
+        return 1 if self.replica_group is None else self.replica_group.size()
 
     def _create_pg(self, store: dist.Store, rank: int, world_size: int) -> dist.ProcessGroup:
         pg = super()._create_pg(store, rank, world_size)
@@ -85,8 +100,9 @@ class ManagedGroup(ProcessGroupGloo):
         pg._set_group_name(name)
         torch._C._distributed_c10d._register_process_group(name, pg)
         _transport.adopt(pg, store)
+        hook_group = ReplicaGroup(self.replica_group, pg) if self.replica_group is not None else None
         with self._current_lock:
-            self._current = pg
+            self._current, self._hook_group = pg, hook_group
             self.generations += 1
         return pg
 
@@ -101,9 +117,20 @@ class ManagedGroup(ProcessGroupGloo):
                 raise RuntimeError("ManagedGroup: no quorum yet (the manager configures the group in start_quorum)")
             return self._current
 
+    def hook_group(self):
+        """What the hooks reduce on: the quorum's group, or with several ranks per replica the
+        :class:`ReplicaGroup` of this replica's group and the quorum's group."""
+        with self._current_lock:
+            if self._current is None:
+                raise RuntimeError("ManagedGroup: no quorum yet (the manager configures the group in start_quorum)")
+            return self._hook_group if self._hook_group is not None else self._current
+
     def _release_current(self) -> None:
         with self._current_lock:
             pg, self._current = self._current, None
+            hook_group, self._hook_group = self._hook_group, None
+        if hook_group is not None:  # first: its collectives run on the quorum's group
+            comm.release(hook_group)
         if pg is not None:
             comm.release(pg)  # waits for our queued collectives on it (each bounded by the group's timeout)
             torch._C._distributed_c10d._unregister_process_group(pg.group_name)
@@ -111,6 +138,88 @@ class ManagedGroup(ProcessGroupGloo):
     def shutdown(self) -> None:
         self._release_current()
         super().shutdown()
+
+
+# Note [Replica groups of several ranks]
+# A replica of L ranks (processes on one host) reduces hierarchically: the exact sum inside the replica
+# through shared memory, each local rank l all-reduces region l of it across replicas on its managed
+# group (local rank l of every replica, torchft's group of manager l) with the hook's compression, and
+# the replica's ranks gather the regions. This is Note [Hierarchical all-reduce] with replicas for
+# hosts, and the bits are the same: the regions are the shared-memory regions, and top-k sends the same
+# fraction of each region, so pyparallel.reference.hierarchical_all_reduce (hosts = replicas, one piece)
+# models it exactly. It is composed here, in Python, rather than by the C++ hierarchical op (which could
+# take this replica's shared-memory segment and the managed group by name) for the failure path: when
+# the cross-replica step fails on some local ranks only (a replica died after finishing the exchange of
+# one region, before another's), the C++ op raises on those ranks and skips the gather, so their
+# siblings wait in the gather until the timeout and the replica's shared-memory communicator is failed
+# for good (Note [Shared-memory collectives]): every later step would fail until the replica restarts.
+# Here every local rank always runs the same shared-memory collectives, the gather carries a failure
+# count, and a cross-replica failure anywhere raises on every rank of the replica (each reports to its
+# manager, and should_commit discards the step on all of them). The price: the exact sum is a full
+# shared-memory all-reduce and the gather another (the C++ op does half of each), on this host's memory.
+
+class ReplicaGroup:
+    """Every rank of the quorum's replicas, as :mod:`pyparallel.comm` and the hooks see them
+    (Note [Replica groups of several ranks]): ``all_reduce(t, group=ReplicaGroup(...))`` sums exactly
+    inside this replica and with the given compression across replicas; bitwise identical on every rank
+    of every replica.
+
+    Args:
+        replica: this replica's own group (its L ranks, on one host: shared memory).
+        cross: local rank l of every replica (torchft's group of this rank's manager).
+    """
+
+    def __init__(self, replica: dist.ProcessGroup, cross: dist.ProcessGroup):
+        self.replica, self.cross = replica, cross
+        self.group_name = f"{cross.group_name}+replica"  # its own worker thread in pyparallel.comm
+
+    def size(self) -> int:
+        return self.replica.size() * self.cross.size()
+
+    def rank(self) -> int:
+        return self.cross.rank() * self.replica.size() + self.replica.rank()
+
+    def pyparallel_all_reduce(self, tensor: torch.Tensor, average: bool, compression, transport: str) -> int:
+        """Called by :func:`pyparallel.comm.collective` on the group's worker thread; returns the bytes
+        this rank sent across replicas."""
+        if transport not in ("auto", "hierarchical"):
+            raise ValueError(f"ReplicaGroup: replicas of {self.replica.size()} ranks reduce hierarchically (shared "
+                             f"memory inside a replica, the compression across replicas): transport must be "
+                             f"'auto' or 'hierarchical', got {transport!r}")
+        if tensor.is_cuda:
+            raise ValueError("ReplicaGroup: CPU tensors only (the replica's ranks reduce through shared memory)")
+        code, params = comm._kind(compression)
+        flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
+        numel, local, l = flat.numel(), self.replica.size(), self.replica.rank()
+        comm.collective(flat, self.replica, False, None, "shm")  # the replica's exact sum, on every local rank
+        region = shm_regions(numel, local)[l]
+        mine = flat[region]
+        if code == 2:  # top-k: the same fraction of the region as of the tensor, as the C++ op sends
+            m = region.stop - region.start
+            k = min(m, -(-params.k_for(numel) * m // numel)) if numel else 0
+            residual = params.residual.view(-1)[region] if params.residual is not None else None
+            compression = comm.Topk(k=k, residual=residual)
+        sent, error = 0, None
+        try:
+            sent = comm.collective(mine, self.cross, False, compression, "ring")
+            if average:
+                mine.div_(self.size())
+        except Exception as exc:  # noqa: BLE001 (told to the siblings, raised below on every local rank)
+            error = exc
+        # The gather: every region zero but this rank's, summed exactly (x + 0 == x), and the failures.
+        flat[:region.start].zero_()
+        flat[region.stop:].zero_()
+        failed = torch.tensor([0.0 if error is None else 1.0])
+        comm.collective(failed, self.replica, False, None, "shm")
+        comm.collective(flat, self.replica, False, None, "shm")
+        if failed.item():
+            if error is not None:
+                raise error
+            raise RuntimeError(f"ReplicaGroup: the cross-replica all-reduce failed on {int(failed.item())} other "
+                               f"rank(s) of this replica (their managers report it)")
+        if flat.data_ptr() != tensor.data_ptr():
+            tensor.copy_(flat.view(tensor.shape))
+        return sent
 
 
 class ManagedHookState:
@@ -151,17 +260,17 @@ def managed_hook(state: ManagedHookState, bucket: dist.GradBucket) -> torch.futu
     try:
         manager.wait_quorum()
         participants = manager.num_participants()
-        group = state.group.current()
+        replicas = state.group.current().size()  # one member per replica in the quorum
         if not manager.is_participating():  # a spare (FIXED_WITH_SPARES): contributes nothing
             buffer.zero_()
-        state.hook_state.process_group = group
+        state.hook_state.process_group = state.group.hook_group()
         fut = state.hook(state.hook_state, bucket)
     except Exception as exc:  # noqa: BLE001 (every failure of the step goes to the manager)
         manager.report_error(exc)
         return _completed(buffer)
-    if participants != group.size():
-        # The hook averaged over every member of the group, non-participants' zeros included.
-        scale = group.size() / participants
+    if participants != replicas:
+        # The hook averaged over every replica of the group, non-participants' zeros included.
+        scale = replicas / participants
 
         def rescale(f: torch.futures.Future) -> torch.Tensor:
             return f.value().mul_(scale)
@@ -176,7 +285,8 @@ def data_parallel(manager: torchft.Manager, group: ManagedGroup, module: nn.Modu
 
     Args:
         wrapper: ``"pyparallel"`` (:class:`pyparallel.DataParallel` over this process's default group,
-            which holds this replica's ranks: one rank per replica means a group of one) or ``"torch"``
+            which holds this replica's ranks: one rank per replica means a group of one, several the
+            ``replica_group`` of the ManagedGroup) or ``"torch"``
             (torch's DistributedDataParallel, built as torchft builds it: a dummy group for its start-up
             broadcast, and ``find_unused_parameters=True``, which stops DDP from rebuilding its buckets
             after the first step, so the bucket layout, and with it the hook state keyed by bucket, is
@@ -184,12 +294,14 @@ def data_parallel(manager: torchft.Manager, group: ManagedGroup, module: nn.Modu
     """
     state = ManagedHookState(manager, group, hook, hook_state)
     if wrapper == "pyparallel":
-        if dist.is_initialized() and dist.get_world_size() != 1:
-            raise ValueError("fault_tolerance.data_parallel: one rank per replica is supported (the default "
-                             f"group of this process has {dist.get_world_size()} ranks)")
         if not dist.is_initialized():
             raise RuntimeError("fault_tolerance.data_parallel: initialize this replica's own process group first "
-                               "(world size 1, e.g. dist.init_process_group('gloo', store=..., rank=0, world_size=1))")
+                               "(its ranks only, e.g. dist.init_process_group('gloo', store=..., rank=0, world_size=1))")
+        if dist.get_world_size() != group.ranks_per_replica:
+            raise ValueError(f"fault_tolerance.data_parallel: the default group of this process has "
+                             f"{dist.get_world_size()} ranks, but the ManagedGroup was built for replicas of "
+                             f"{group.ranks_per_replica} (pass ManagedGroup(replica_group=...) the replica's group)")
+        # Its start-up broadcast runs on the default group: the replica's ranks start from local rank 0's model.
         return DataParallel(module, bucket_cap_mb=bucket_cap_mb, comm_hook=managed_hook, hook_state=state)
     if wrapper == "torch":
         ddp = nn.parallel.DistributedDataParallel(module, process_group=ProcessGroupDummy(0, 1),
@@ -245,9 +357,9 @@ def make_manager(group: ManagedGroup, training: TrainingState, *, lighthouse: st
                  min_replicas: int = 1, timeout: datetime.timedelta = datetime.timedelta(seconds=60),
                  quorum_timeout: datetime.timedelta | None = None, store: dist.TCPStore | None = None,
                  store_host: str | None = None, hostname: str | None = None, init_sync: bool = True,
-                 max_failed_steps: int | None = 10) -> torchft.Manager:
-    """A :class:`torchft.Manager` for this replica (one rank), with ``training`` as the state a healing
-    peer gets.
+                 max_failed_steps: int | None = 10, rank: int = 0, world_size: int = 1) -> torchft.Manager:
+    """A :class:`torchft.Manager` for local rank ``rank`` of this replica (of ``world_size`` ranks), with
+    ``training`` as the state a healing peer gets (local rank l heals from local rank l of its donor).
 
     Args:
         group: the replica's :class:`ManagedGroup`.
@@ -256,8 +368,10 @@ def make_manager(group: ManagedGroup, training: TrainingState, *, lighthouse: st
         min_replicas: steps commit only with at least this many replicas in the quorum.
         timeout: collectives, commit votes and checkpoint transfers fail after this long.
         quorum_timeout: how long a quorum may take (default: ``timeout``).
-        store: this replica's TCPStore (default: a new one on a free port, hosted here). The quorum's
-            process group rendezvouses through one replica's store.
+        store: this replica's TCPStore (default: a new one on a free port, hosted here; with several
+            ranks per replica, local rank 0 hosts it and every rank passes it). The quorum's process
+            groups rendezvous through one replica's store; local rank 0's manager runs the replica's
+            manager server, and the replica's managers agree in should_commit.
         store_host: the name other replicas reach ``store`` by (default: this host's name).
         hostname: the name other replicas and the lighthouse reach this replica's manager server by
             (default: this host's name; give an address when replicas live in network namespaces of
@@ -274,11 +388,14 @@ def make_manager(group: ManagedGroup, training: TrainingState, *, lighthouse: st
     """
     store_host = store_host or socket.gethostname()
     if store is None:
+        if world_size != 1:
+            raise ValueError("make_manager: with several ranks per replica, pass the replica's store (hosted by "
+                             "local rank 0)")
         store = dist.TCPStore(store_host, 0, is_master=True, wait_for_workers=False, timeout=timeout)
     manager = torchft.Manager(
         pg=group, load_state_dict=None, state_dict=None, min_replica_size=min_replicas,
         use_async_quorum=False, timeout=timeout, quorum_timeout=quorum_timeout or timeout,
-        connect_timeout=timeout, rank=0, world_size=1, store_addr=store_host,
+        connect_timeout=timeout, rank=rank, world_size=world_size, store_addr=store_host,
         store_port=store.port, lighthouse_addr=lighthouse, replica_id=replica_id, init_sync=init_sync,
         max_retries=max_failed_steps, hostname=hostname or socket.gethostname())
     manager.register_state_dict_fn("pyparallel", training.load_state_dict, training.state_dict)

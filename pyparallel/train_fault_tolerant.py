@@ -1,19 +1,27 @@
 """``python -m pyparallel.train --fault-tolerant --replicas N``: replicas that survive each other's deaths.
 
 The launcher (:func:`launch`) starts a torchft lighthouse (unless ``--lighthouse`` names one), starts N
-replica processes (one rank each) and restarts a replica process that dies, up to ``--max-restarts``
-times per replica; a restarted replica rejoins the next quorum and heals from a live peer. The launcher
+replicas of ``--ranks-per-replica`` L processes each (default 1) and restarts a replica that dies, up to
+``--max-restarts`` times per replica; a restarted replica rejoins the next quorum and heals from a live
+peer. A replica is a unit: when one of its processes dies, the launcher kills the others and restarts
+all L, which heal together (local rank l from local rank l of a live replica). The launcher
 exits 0 once training is complete (every replica still running finished) and ``--json`` records the
 test accuracy, the replicas that took part in every step and the longest stall.
 
 A replica (:func:`replica_main`) trains the digits classifier under a :class:`torchft.Manager` with one of
 pyparallel's hooks (:mod:`pyparallel.fault_tolerance`). Step s (counted in committed steps, which a healed
-replica takes over from its donor) reads the s-th global batch of ``--batch-size`` x ``--replicas``
-samples; the n replicas of the step's quorum split it, so the data schedule does not depend on who is
+replica takes over from its donor) reads the s-th global batch of ``--batch-size`` x ``--replicas`` x L
+samples; the n x L ranks of the step's quorum split it, so the data schedule does not depend on who is
 alive, and training ends after the same number of steps however many replicas died on the way.
 
+With L > 1 the replica's ranks form a Gloo group of their own (their store hosted by local rank 0, one
+per incarnation) on which the shared-memory transport runs; each local rank has a torchft manager, and
+the gradients are summed exactly inside the replica and reduced with the hook's compression across
+replicas (Note [Replica groups of several ranks], fault_tolerance.py).
+
 Fault injection: ``--kill-at-step S --kill-replica R`` makes replica R SIGKILL itself in step S (after
-its forward pass, while its peers wait in the step's collectives), once (its first incarnation).
+its forward pass, while its peers wait in the step's collectives), once (its first incarnation); with
+L > 1 local rank ``--kill-local-rank`` (default 0) of it dies, and the launcher kills the rest.
 """
 
 from __future__ import annotations
@@ -41,7 +49,9 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("fault tolerance")
     g.add_argument("--fault-tolerant", action="store_true",
                    help="train with --replicas replica processes under torchft managers (one rank each)")
-    g.add_argument("--replicas", type=int, default=3, help="replica processes to start")
+    g.add_argument("--replicas", type=int, default=3, help="replicas to start")
+    g.add_argument("--ranks-per-replica", type=int, default=1,
+                   help="processes per replica on this host (shared memory inside, compression across replicas)")
     g.add_argument("--lighthouse", metavar="ADDR", help="torchft lighthouse to use (default: start one)")
     g.add_argument("--min-replicas", type=int, default=1, help="a step commits only with this many replicas")
     g.add_argument("--max-restarts", type=int, default=3, help="restarts of each replica process")
@@ -51,6 +61,8 @@ def add_arguments(p) -> None:
                    help="fault injection: SIGKILL a replica (or a rank, first incarnation only) in this step")
     g.add_argument("--kill-replica", "--kill-rank", dest="kill_replica", type=int, default=0,
                    help="fault injection: the replica (--fault-tolerant) or rank (torchrun) to kill")
+    g.add_argument("--kill-local-rank", type=int, default=0,
+                   help="fault injection: which rank of the killed replica dies (--ranks-per-replica > 1)")
 
 
 def check_arguments(args) -> None:
@@ -59,6 +71,15 @@ def check_arguments(args) -> None:
     if not 1 <= args.min_replicas <= args.replicas:
         raise SystemExit(f"pyparallel.train: --min-replicas must be in [1, --replicas={args.replicas}], "
                          f"got {args.min_replicas}")
+    if args.ranks_per_replica < 1:
+        raise SystemExit(f"pyparallel.train: --ranks-per-replica must be >= 1, got {args.ranks_per_replica}")
+    if args.ranks_per_replica > 1 and args.transport not in ("auto", "hierarchical"):
+        raise SystemExit("pyparallel.train: with --ranks-per-replica > 1 a replica sums exactly through shared memory "
+                         "and the hook compresses across replicas: --transport must be auto or hierarchical, got "
+                         f"{args.transport}")
+    if not 0 <= args.kill_local_rank < args.ranks_per_replica:
+        raise SystemExit(f"pyparallel.train: --kill-local-rank must be in [0, {args.ranks_per_replica}), "
+                         f"got {args.kill_local_rank}")
     if args.max_restarts < 0:
         raise SystemExit(f"pyparallel.train: --max-restarts must be >= 0, got {args.max_restarts}")
     if args.kill_at_step is not None and not 0 <= args.kill_replica < args.replicas:
@@ -67,33 +88,50 @@ def check_arguments(args) -> None:
 
 # ---- launcher ----
 
+def _rank_file(run_dir: str, index: int, local_rank: int, what: str) -> str:
+    """replica{index}.{what}, and replica{index}.rank{l}.{what} for the replica's other local ranks."""
+    return os.path.join(run_dir, f"replica{index}" + (f".rank{local_rank}" if local_rank else "") + f".{what}")
+
+
 class _Replica:
-    """One replica slot: its current process (forked from a server that has torch imported already, so
-    a restart takes about a second, not the many seconds of a cold start) and its history."""
+    """One replica slot: its current processes (L of them, forked from a server that has torch imported
+    already, so a restart takes about a second, not the many seconds of a cold start) and its history."""
 
     def __init__(self, index: int, args, context):
         self.index, self.args, self.context = index, args, context
         self.run_dir = args.ft_run_dir
         self.incarnation = -1
-        self.proc = None
+        self.procs = []
         self.exits: list[int] = []
 
     def start(self) -> None:
         self.incarnation += 1
-        args = copy.copy(self.args)
-        args.ft_replica_index, args.ft_incarnation = self.index, self.incarnation
-        log = os.path.join(self.run_dir, f"replica{self.index}.log")
-        self.proc = self.context.Process(target=_replica_entry, args=(args, log),
-                                         name=f"pyparallel-replica{self.index}")
-        self.proc.start()
+        self.procs = []
+        for local_rank in range(self.args.ranks_per_replica):
+            args = copy.copy(self.args)
+            args.ft_replica_index, args.ft_incarnation, args.ft_local_rank = self.index, self.incarnation, local_rank
+            log = _rank_file(self.run_dir, self.index, local_rank, "log")
+            proc = self.context.Process(target=_replica_entry, args=(args, log),
+                                        name=f"pyparallel-replica{self.index}-rank{local_rank}")
+            proc.start()
+            self.procs.append(proc)
 
     def poll(self) -> int | None:
-        return self.proc.exitcode
+        """0 once every process of the replica exited 0; the exit status of the first that failed (the
+        others are killed then: the replica restarts as a unit); None while it runs."""
+        codes = [p.exitcode for p in self.procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed:
+            self.kill()
+            return failed[0]
+        return 0 if all(c == 0 for c in codes) else None
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.exitcode is None:
-            self.proc.kill()
-            self.proc.join()
+        for proc in self.procs:
+            if proc.exitcode is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.join()
 
     def stepped(self) -> bool:
         """Whether the current incarnation has taken part in a step."""
@@ -209,13 +247,17 @@ def launch(args) -> dict:
 
 
 def collect(run_dir: str, replicas: list[_Replica], seconds: float) -> dict:
-    """The run's summary from the replicas' step logs and final states."""
-    finals, events = {}, []
+    """The run's summary from the replicas' step logs (local rank 0's) and final states (every rank's)."""
+    finals, events, digests = {}, [], {}
     for r in replicas:
-        path = os.path.join(run_dir, f"replica{r.index}.final.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                finals[r.index] = json.load(f)
+        for local_rank in range(r.args.ranks_per_replica):
+            path = _rank_file(run_dir, r.index, local_rank, "final.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    final = json.load(f)
+                digests[r.index if local_rank == 0 else f"{r.index}.{local_rank}"] = final["parameter_digest"]
+                if local_rank == 0:
+                    finals[r.index] = final
         log = os.path.join(run_dir, f"replica{r.index}.steps.jsonl")
         if os.path.exists(log):
             with open(log) as f:
@@ -241,12 +283,13 @@ def collect(run_dir: str, replicas: list[_Replica], seconds: float) -> dict:
     for (replica, incarnation), life in by_life.items():
         if incarnation > 0:
             rejoined.setdefault(replica, []).append(life[0][0])
-    digests = {i: f["parameter_digest"] for i, f in finals.items()}
     first = finals[min(finals)]
     return {
-        "replicas": len(replicas), "hook": first["hook"], "steps": first["steps"],
+        "replicas": len(replicas), "ranks_per_replica": replicas[0].args.ranks_per_replica,
+        "hook": first["hook"], "steps": first["steps"],
         "test_accuracy": first["test_accuracy"],
         "test_accuracy_by_replica": {i: f["test_accuracy"] for i, f in finals.items()},
+        # Over every rank of every replica that finished.
         "parameters_equal": len(set(digests.values())) == 1, "parameter_digests": digests,
         "restarts": {r.index: r.incarnation for r in replicas},
         "heals": {i: f["heals"] for i, f in finals.items()},
@@ -262,10 +305,12 @@ def collect(run_dir: str, replicas: list[_Replica], seconds: float) -> dict:
 def summary_text(s: dict) -> str:
     n = s["participants_per_step"]
     full = sum(1 for p in n if p == s["replicas"])
-    return (f"pyparallel.train: fault-tolerant, {s['replicas']} replicas, {s['hook']} hook, {s['steps']} steps "
+    per = s.get("ranks_per_replica", 1)
+    return (f"pyparallel.train: fault-tolerant, {s['replicas']} replicas"
+            + (f" of {per} ranks" if per > 1 else "") + f", {s['hook']} hook, {s['steps']} steps "
             f"in {s['seconds']:.1f} s\n"
             f"  test accuracy      {100 * s['test_accuracy']:.2f}% (replica 0), parameters equal on every "
-            f"finished replica: {s['parameters_equal']}\n"
+            f"finished {'rank' if per > 1 else 'replica'}: {s['parameters_equal']}\n"
             f"  participants       {full} of {len(n)} steps with all {s['replicas']}, fewest {min(n) if n else 0}\n"
             f"  restarts           {s['restarts']}, heals {s['heals']}, restarted replicas rejoined at steps "
             f"{s['rejoined_at_step']}\n"
@@ -274,15 +319,38 @@ def summary_text(s: dict) -> str:
 
 # ---- one replica ----
 
-def _wait_for_peers(run_dir: str, index: int, replicas: int, timeout_s: float) -> None:
+def _wait_for_peers(run_dir: str, index: int | None, replicas: int, timeout_s: float) -> None:
     """First incarnations start together, so the first quorum holds every replica (a replica that comes
-    later joins and heals, which is what restarts exercise; at start-up it would only blur the run)."""
-    open(os.path.join(run_dir, f"ready{index}"), "w").close()
+    later joins and heals, which is what restarts exercise; at start-up it would only blur the run).
+    ``index``: this replica's, which it marks ready (None: only wait, for a replica's other ranks)."""
+    if index is not None:
+        open(os.path.join(run_dir, f"ready{index}"), "w").close()
     deadline = time.monotonic() + timeout_s
     while not all(os.path.exists(os.path.join(run_dir, f"ready{i}")) for i in range(replicas)):
         if time.monotonic() > deadline:
             return  # the launcher reports a replica that never came up
         time.sleep(0.02)
+
+
+def _replica_store(run_dir: str, index: int, incarnation: int, local_rank: int, timeout: datetime.timedelta):
+    """This replica incarnation's TCPStore: hosted by local rank 0 on a free port, which it announces in a
+    file of the run directory (written whole, then renamed); the other local ranks read it and connect."""
+    path = os.path.join(run_dir, f"replica{index}.incarnation{incarnation}.store")
+    host = socket.gethostname()
+    if local_rank == 0:
+        store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timeout)
+        with open(path + ".tmp", "w") as f:
+            f.write(str(store.port))
+        os.replace(path + ".tmp", path)
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"replica {index}: local rank 0 did not announce its store within {timeout}")
+        time.sleep(0.02)
+    with open(path) as f:
+        port = int(f.read())
+    return dist.TCPStore(host, port, is_master=False, timeout=timeout)
 
 
 def _die_with_launcher() -> None:
@@ -312,12 +380,18 @@ def replica_main(args) -> None:
 
     _die_with_launcher()
     index, run_dir, incarnation = args.ft_replica_index, args.ft_run_dir, args.ft_incarnation
-    _note(f"replica {index} incarnation {incarnation} started")
+    local_rank, local_size = args.ft_local_rank, args.ranks_per_replica
+    _note(f"replica {index} rank {local_rank} incarnation {incarnation} started")
     torch.set_num_threads(args.threads or 1)
     timeout = datetime.timedelta(seconds=args.timeout)
-    # This replica's own group (one rank): pyparallel.DataParallel needs a default group to exist.
-    store = dist.TCPStore(socket.gethostname(), 0, is_master=True, wait_for_workers=False, timeout=timeout)
-    dist.init_process_group("gloo", store=dist.PrefixStore("replica", store), rank=0, world_size=1, timeout=timeout)
+    # This replica's own group (its ranks; one rank: a group of one, which pyparallel.DataParallel needs).
+    # With several ranks its shared-memory steps wait for a sibling while that sibling's cross-replica
+    # step runs, which may take the whole group timeout before it fails: so it waits longer than that.
+    store = _replica_store(run_dir, index, incarnation, local_rank, timeout) if local_size > 1 else \
+        dist.TCPStore(socket.gethostname(), 0, is_master=True, wait_for_workers=False, timeout=timeout)
+    replica_timeout = timeout if local_size == 1 else 2 * timeout + datetime.timedelta(seconds=5)
+    dist.init_process_group("gloo", store=dist.PrefixStore("replica", store), rank=local_rank, world_size=local_size,
+                            timeout=replica_timeout)
 
     x_train, y_train, x_test, y_test = load_digits_split(args.seed)
     model = make_model(args.hidden, args.layers, args.seed)
@@ -325,24 +399,28 @@ def replica_main(args) -> None:
     hook_state = make_state(args)
     inner = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     training = ft.TrainingState(model, inner, hook_state)
-    group = ft.ManagedGroup(timeout=timeout)
+    group = ft.ManagedGroup(timeout=timeout, replica_group=dist.group.WORLD if local_size > 1 else None)
     manager = ft.make_manager(group, training, lighthouse=args.lighthouse, replica_id=f"replica{index}",
-                              min_replicas=args.min_replicas, timeout=timeout, store=store)
+                              min_replicas=args.min_replicas, timeout=timeout, store=store,
+                              rank=local_rank, world_size=local_size)
     wrapped = ft.data_parallel(manager, group, model, hook, hook_state, wrapper=args.ddp,
                                bucket_cap_mb=args.bucket_cap_mb)
     optimizer = torchft.Optimizer(manager, inner)
     _note("manager up")
 
-    global_batch = args.batch_size * args.replicas
+    global_batch = args.batch_size * args.replicas * local_size
     steps_per_epoch = len(x_train) // global_batch
     total = args.epochs * steps_per_epoch
     if args.max_steps is not None:
         total = min(total, args.max_steps)
     loss_fn = nn.CrossEntropyLoss()
     if incarnation == 0:
-        _wait_for_peers(run_dir, index, args.replicas, args.timeout)
+        if local_rank == 0:
+            _wait_for_peers(run_dir, index, args.replicas, args.timeout)
+        else:
+            _wait_for_peers(run_dir, None, args.replicas, args.timeout)
     stepped = False
-    with open(os.path.join(run_dir, f"replica{index}.steps.jsonl"), "a") as log:
+    with open(_rank_file(run_dir, index, local_rank, "steps.jsonl"), "a") as log:
         while manager.current_step() < total:
             start = time.time()
             optimizer.zero_grad(set_to_none=True)  # quorum: reconfigures the group, heals if behind
@@ -355,9 +433,11 @@ def replica_main(args) -> None:
             rank, n = manager.participating_rank(), manager.num_participants()
             epoch, s = divmod(step, steps_per_epoch)
             perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-            idx = perm[s * global_batch:(s + 1) * global_batch][rank::n]
+            # The quorum's n replicas x L ranks split the global batch: rank l of replica r takes r L + l.
+            idx = perm[s * global_batch:(s + 1) * global_batch][rank * local_size + local_rank::n * local_size]
             loss = loss_fn(wrapped(x_train[idx]), y_train[idx])
-            if args.kill_at_step == step and args.kill_replica == index and incarnation == 0:
+            if (args.kill_at_step == step and args.kill_replica == index and incarnation == 0
+                    and args.kill_local_rank == local_rank):
                 os.kill(os.getpid(), signal.SIGKILL)
             loss.backward()
             optimizer.step()  # only if every replica of the quorum succeeded
@@ -368,12 +448,11 @@ def replica_main(args) -> None:
             log.flush()
     accuracy = evaluate(model, x_test, y_test, torch.device("cpu"))
     digest = parameter_digest(model)
-    with open(os.path.join(run_dir, f"replica{index}.final.json"), "w") as f:
+    with open(_rank_file(run_dir, index, local_rank, "final.json"), "w") as f:
         json.dump({"hook": args.hook, "steps": manager.current_step(), "test_accuracy": accuracy,
                    "heals": training.heals, "incarnation": incarnation, "parameter_digest": digest,
                    "group_generations": group.generations}, f)
-    torch.save([p.detach().clone() for p in model.parameters()],
-               os.path.join(run_dir, f"replica{index}.params.pt"))
+    torch.save([p.detach().clone() for p in model.parameters()], _rank_file(run_dir, index, local_rank, "params.pt"))
     manager.shutdown(wait=False)
     group.shutdown()
     dist.destroy_process_group()

@@ -215,6 +215,72 @@ def test_collectives_run_on_each_quorums_group_and_the_old_one_is_released(dist_
     assert a["old_resources_released"] and not a["old_group_usable"], a
 
 
+# ---- replicas of two ranks: exact inside, compressed across (four ranks of the worker pool) ----
+
+def _replica_group_case(seed):
+    from pyparallel import reference
+
+    rank = dist.get_rank()
+    replicas = [[0, 1], [2, 3]]  # replica r holds ranks 2r, 2r+1; local rank l crosses with local rank l
+    inside = [dist.new_group(ranks) for ranks in replicas]
+    across = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    group = ft.ReplicaGroup(inside[rank // 2], across[rank % 2])
+    out = {"rank": group.rank(), "size": group.size()}
+    for numel in (1001, 17, 0, 40000):
+        for name, kw in {"dense": {}, "int8": dict(compression="int8"), "avg": dict(op="avg"),
+                         "int8_avg": dict(compression="int8", op="avg"), "topk": {"k": 30}}.items():
+            gen = torch.Generator().manual_seed(seed + numel)
+            inputs = [torch.randn(numel, generator=gen) for _ in range(4)]
+            residuals = [torch.randn(numel, generator=gen) * 0.1 for _ in range(4)]
+            x = inputs[rank].clone()
+            if name == "topk":
+                k = min(numel, 30)
+                r = residuals[rank].clone()
+                pyparallel.all_reduce(x, group=group, compression=pyparallel.Topk(k=k, residual=r))
+                ref_residuals = [t.clone() for t in residuals]
+                want = reference.hierarchical_all_reduce(inputs, replicas, compression="topk", k=k,
+                                                         residuals=ref_residuals)
+                out[(name, numel, "residual")] = bool(torch.equal(r, ref_residuals[rank]))
+            else:
+                pyparallel.all_reduce(x, group=group, **kw)
+                want = reference.hierarchical_all_reduce(inputs, replicas, average=kw.get("op") == "avg",
+                                                         compression=kw.get("compression"))
+            out[(name, numel)] = bool(torch.equal(x, want))
+            out[(name, numel, "digest")] = x.sum().item() if numel else 0.0
+    # A cross-replica step that fails for local rank 0 only (its two ranks disagree on the int8 block size,
+    # which the header check catches): every rank of both replicas raises, and the next all-reduce works
+    # (the shared memory stays in step).
+    x = torch.ones(1000)
+    try:
+        pyparallel.all_reduce(x, group=group, compression=pyparallel.Int8(block_size=128 if rank == 2 else 256))
+        out["mismatch"] = "no error"
+    except Exception as exc:  # noqa: BLE001
+        out["mismatch"] = str(exc).splitlines()[0][:300]
+    x = torch.full((1000,), float(rank))
+    pyparallel.all_reduce(x, group=group)
+    out["after"] = bool(torch.equal(x, torch.full((1000,), 6.0)))
+    with pytest.raises(ValueError, match="transport must be 'auto' or 'hierarchical'"):
+        pyparallel.all_reduce(torch.ones(3), group=group, transport="ring")
+    pyparallel.comm.release(group)
+    return out
+
+
+def test_replica_group_is_the_hierarchical_all_reduce_with_replicas_for_hosts(dist_pool):
+    import random
+
+    results = dist_pool(4).run(_replica_group_case, random.randrange(2**20), timeout=180)
+    assert [r["rank"] for r in results] == [0, 1, 2, 3] and all(r["size"] == 4 for r in results)
+    for key in [k for k in results[0] if isinstance(k, tuple)]:
+        if key[-1] == "digest":
+            assert len({r[key] for r in results}) == 1, key  # bitwise identical on every rank
+        else:  # equal to the reference, bitwise (and the top-k residuals too)
+            assert all(r[key] for r in results), (key, [r[key] for r in results])
+    errors = [r["mismatch"] for r in results]
+    assert "block" in errors[0] and "block" in errors[2], errors  # local rank 0: its own header check
+    assert all("failed on 1 other rank(s) of this replica" in errors[i] for i in (1, 3)), errors
+    assert all(r["after"] for r in results)
+
+
 # ---- whole runs: replicas as processes, one SIGKILLed ----
 
 def _launch(tmp, *extra, timeout=240):
