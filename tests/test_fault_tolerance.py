@@ -283,21 +283,43 @@ def test_replica_group_is_the_hierarchical_all_reduce_with_replicas_for_hosts(di
 
 # ---- whole runs: replicas as processes, one SIGKILLed ----
 
-def _launch(tmp, *extra, timeout=240):
+def _launch(tmp, *extra, replicas=3, ranks_per_replica=1, timeout=240):
     out = os.path.join(tmp, "summary.json")
-    cmd = [sys.executable, "-m", "pyparallel.train", "--fault-tolerant", "--replicas", "3", "--hidden", "32",
-           "--threads", "1", "--no-progress", "--json", out, "--log-dir", os.path.join(tmp, "logs"), *extra]
+    cmd = [sys.executable, "-m", "pyparallel.train", "--fault-tolerant", "--replicas", str(replicas),
+           "--ranks-per-replica", str(ranks_per_replica), "--hidden", "32", "--threads", "1", "--no-progress",
+           "--json", out, "--log-dir", os.path.join(tmp, "logs"), *extra]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     with open(out) as f:
         summary = json.load(f)
-    params = {}
-    for i in range(3):
-        path = os.path.join(summary["run_dir"], f"replica{i}.params.pt")
-        if os.path.exists(path):
-            params[i] = torch.load(path)
+    params = {}  # by replica (local rank 0), and by "replica.local rank" for the others
+    for i in range(replicas):
+        for local in range(ranks_per_replica):
+            path = os.path.join(summary["run_dir"], f"replica{i}" + (f".rank{local}" if local else "") + ".params.pt")
+            if os.path.exists(path):
+                params[i if local == 0 else f"{i}.{local}"] = torch.load(path)
     return summary, params, proc.stderr
+
+
+def _full_batch_reference(steps, global_batch, hidden=32):
+    """What data-parallel training computes, in one process: SGD on each whole global batch (the ranks'
+    shares are equal, so the mean of their mean gradients is the batch's mean gradient)."""
+    from pyparallel.train import load_digits_split, make_model, parser
+
+    args = parser().parse_args(["--fault-tolerant"])
+    x, y, _, _ = load_digits_split(args.seed)
+    model = make_model(hidden, args.layers, args.seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    per_epoch = len(x) // global_batch
+    for step in range(steps):
+        epoch, s = divmod(step, per_epoch)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        idx = perm[s * global_batch:(s + 1) * global_batch]
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        optimizer.step()
+    return [p.detach() for p in model.parameters()]
 
 
 def test_survivors_finish_with_equal_parameters_when_a_replica_is_killed():
@@ -328,3 +350,39 @@ def test_killed_replica_restarts_rejoins_and_heals_with_its_hook_state():
     assert all(torch.equal(p, q) for i in (1, 2) for p, q in zip(params[0], params[i]))
     assert s["heals"]["1"] >= 1 and s["rejoined_at_step"]["1"] == [4]
     assert s["participants_per_step"] == [3] * s["steps"]
+
+
+def test_replicas_of_two_ranks_survive_a_dead_replica_and_match_full_batch_training():
+    # Two replicas of two ranks (shared memory inside a replica): local rank 1 of replica 1 dies in step 5,
+    # the launcher kills its sibling, and is not allowed to restart them; replica 0's two ranks go on alone.
+    # The data schedule does not depend on who is alive, and the exact hook sums every rank's share, so every
+    # step is a step on the whole global batch: the result is full-batch SGD up to fp32 summation order.
+    with tempfile.TemporaryDirectory() as tmp:
+        s, params, log = _launch(tmp, "--epochs", "2", "--min-replicas", "1", "--max-restarts", "0", "--hook",
+                                 "allreduce", "--kill-at-step", "5", "--kill-replica", "1", "--kill-local-rank", "1",
+                                 "--timeout", "10", replicas=2, ranks_per_replica=2)
+    assert "replica 1 (incarnation 0) killed by SIGKILL" in log
+    assert sorted(params, key=str) == [0, "0.1"]
+    assert all(torch.equal(p, q) for p, q in zip(params[0], params["0.1"]))
+    steps = 2 * (1437 // 128)
+    assert s["parameters_equal"] and s["steps"] == steps and s["ranks_per_replica"] == 2
+    assert s["participants_per_step"] == [2] * 5 + [1] * (steps - 5)
+    reference = _full_batch_reference(steps, 128)
+    for p, q in zip(params[0], reference):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+def test_replica_of_two_ranks_restarts_as_a_unit_and_heals_with_the_topk_hook():
+    # Local rank 0 of replica 1 (the one that hosts the replica's store and manager server) dies in step 4;
+    # the launcher kills local rank 1 too and restarts both; every step needs both replicas, so replica 0
+    # waits, and the restarted pair heals from replica 0 (local rank l from local rank l) with the top-k
+    # hook's iteration past its warm-up. All four ranks end bitwise equal.
+    with tempfile.TemporaryDirectory() as tmp:
+        s, params, log = _launch(tmp, "--epochs", "2", "--min-replicas", "2", "--max-restarts", "1", "--hook", "topk",
+                                 "--ratio", "0.1", "--warmup-steps", "2", "--kill-at-step", "4", "--kill-replica", "1",
+                                 "--timeout", "30", replicas=2, ranks_per_replica=2)
+    assert "replica 1 restarted" in log
+    assert sorted(params, key=str) == [0, "0.1", 1, "1.1"]
+    assert all(torch.equal(p, q) for key in ("0.1", 1, "1.1") for p, q in zip(params[0], params[key]))
+    assert s["heals"]["1"] >= 1 and s["rejoined_at_step"]["1"] == [4]
+    assert s["participants_per_step"] == [2] * s["steps"]
