@@ -14,8 +14,14 @@ rejoins the next quorum and heals from a live peer (model, optimizer, hook state
 Replicas reduce with ``--transport ring`` by default: on this one machine ``auto`` would pick shared
 memory, which is exact (compression applies across hosts only), while replicas stand for hosts.
 
+With ``--ranks-per-replica L`` (L > 1) every replica is L processes whose gradients are summed exactly
+through shared memory, and the hook's compression applies across replicas (transport ``auto``); the
+killed replica's processes die and restart together, and "parameters equal" covers every rank of every
+replica that finished.
+
     python benchmarks/fault.py                                   # int8 and top-k, 3 replicas
     python benchmarks/fault.py --hooks int8 --json fault.json --plot docs/fault_tolerance.png
+    python benchmarks/fault.py --ranks-per-replica 2             # 3 replicas x 2 ranks (shared memory inside)
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ import time
 def run_once(args, hook: str, kill: bool) -> dict:
     from pyparallel import train, train_fault_tolerant
 
-    argv = ["--fault-tolerant", "--replicas", str(args.replicas), "--min-replicas", str(args.min_replicas),
+    argv = ["--fault-tolerant", "--replicas", str(args.replicas), "--ranks-per-replica", str(args.ranks_per_replica),
+            "--min-replicas", str(args.min_replicas),
             "--hook", hook, "--ratio", str(args.ratio), "--epochs", str(args.epochs), "--hidden", str(args.hidden),
             "--transport", args.transport, "--timeout", str(args.timeout), "--threads", "1", "--no-progress",
             "--max-restarts", "3"]
     if kill:
         argv += ["--kill-at-step", str(args.kill_at_step), "--kill-replica", str(args.kill_replica)]
-    cfg = train.parser().parse_args(argv)
+    cfg = train.resolve_defaults(train.parser().parse_args(argv))  # the task's epochs, batch size, lr
     t0 = time.time()
     summary = train_fault_tolerant.launch(cfg)
     summary["wall_s"] = time.time() - t0
@@ -85,7 +92,8 @@ def plot(runs: list[dict], path: str, args) -> None:
         part_ax.step(range(len(part)), part, where="post")
         part_ax.set(xlabel="step", ylabel="replicas", ylim=(0, run["replicas"] + 0.5))
         part_ax.grid(alpha=0.3)
-    fig.suptitle(f"{args.replicas} torchft replicas on digits, one SIGKILLed in step {args.kill_at_step} "
+    per = f" of {args.ranks_per_replica} ranks" if args.ranks_per_replica > 1 else ""
+    fig.suptitle(f"{args.replicas} torchft replicas{per} on digits, one SIGKILLed in step {args.kill_at_step} "
                  f"(group timeout {args.timeout:g} s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -95,6 +103,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hooks", default="int8,topk", help="comma list of hooks")
     p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--ranks-per-replica", type=int, default=1,
+                   help="processes per replica (shared memory inside, the hook's compression across replicas)")
     p.add_argument("--min-replicas", type=int, default=2)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--hidden", type=int, default=256)
@@ -102,13 +112,21 @@ def main(argv=None) -> int:
     p.add_argument("--kill-at-step", type=int, default=100)
     p.add_argument("--kill-replica", type=int, default=1)
     p.add_argument("--timeout", type=float, default=5.0, help="process-group and manager timeout (s)")
-    p.add_argument("--transport", default="ring")
+    p.add_argument("--transport", default=None,
+                   help="default: ring with one rank per replica (replicas stand for hosts), else auto")
     p.add_argument("--json", metavar="PATH")
-    p.add_argument("--plot", metavar="PNG", default="docs/fault_tolerance.png")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="default: docs/fault_tolerance.png (docs/fault_tolerance_<L>ranks.png with L ranks per replica)")
     args = p.parse_args(argv)
+    if args.transport is None:
+        args.transport = "ring" if args.ranks_per_replica == 1 else "auto"
+    if args.plot is None:
+        args.plot = ("docs/fault_tolerance.png" if args.ranks_per_replica == 1 else
+                     f"docs/fault_tolerance_{args.ranks_per_replica}ranks.png")
 
     runs = []
-    print(f"# {args.replicas} replicas (torchft, one rank each, Gloo, --transport {args.transport}), digits, "
+    each = "one rank each" if args.ranks_per_replica == 1 else f"{args.ranks_per_replica} ranks each"
+    print(f"# {args.replicas} replicas (torchft, {each}, Gloo, --transport {args.transport}), digits, "
           f"{args.epochs} epochs, group timeout {args.timeout:g} s; replica {args.kill_replica} SIGKILLed in step "
           f"{args.kill_at_step}, restarted by the launcher", flush=True)
     print(f"# {'hook':<6} {'run':<13} {'steps':>5} {'all in':>6} {'rejoin':>6} {'stall s':>7} {'goal':>4} "
@@ -126,15 +144,16 @@ def main(argv=None) -> int:
             stall_ok = run["longest_stall_s"] < args.timeout + 5
             delta = 100 * (run["test_accuracy"] - base)
             acc_ok = abs(delta) <= 1.0
-            finished = len(run["test_accuracy_by_replica"]) == args.replicas
+            finished = len(run["parameter_digests"]) == args.replicas * args.ranks_per_replica
             print(f"  {hook:<6} {'killed+heal' if kill else 'uninterrupted':<13} {run['steps']:>5} {full:>6} "
                   f"{rejoin:>6} {run['longest_stall_s']:>7.2f} {'ok' if stall_ok else 'MISS':>4} "
                   f"{100 * run['test_accuracy']:>6.2f} {delta:>+6.2f} {'ok' if acc_ok else 'MISS':>4} "
                   f"{'yes' if run['parameters_equal'] else 'NO':>5} {run['wall_s']:>6.1f}", flush=True)
             if not run["parameters_equal"]:
-                failures.append(f"{hook}: replicas finished with different parameters")
+                failures.append(f"{hook}: ranks finished with different parameters")
             if kill and not finished:
-                failures.append(f"{hook}: only replicas {sorted(run['test_accuracy_by_replica'])} finished")
+                failures.append(f"{hook}: only ranks {sorted(run['parameter_digests'], key=str)} finished "
+                                "(replica.local rank)")
     if args.plot:
         os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
         plot(runs, args.plot, args)

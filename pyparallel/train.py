@@ -446,7 +446,8 @@ def main(argv=None) -> None:
     p = parser()
     args = p.parse_args(argv)
     if args.threads is None:  # ranks share the machine's cores
-        world = args.replicas if args.fault_tolerant else args.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        world = (args.replicas * args.ranks_per_replica if args.fault_tolerant else
+                 args.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         args.threads = max(1, (os.cpu_count() or 1) // world)
     if args.fault_tolerant:
         if args.task != "digits" or args.algo != "ddp":

@@ -369,7 +369,7 @@ def test_replicas_of_two_ranks_survive_a_dead_replica_and_match_full_batch_train
     assert s["participants_per_step"] == [2] * 5 + [1] * (steps - 5)
     reference = _full_batch_reference(steps, 128)
     for p, q in zip(params[0], reference):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)  # measured: 3e-8 (fp32 order), weights ~0.2
 
 
 def test_replica_of_two_ranks_restarts_as_a_unit_and_heals_with_the_topk_hook():
