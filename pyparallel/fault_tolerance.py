@@ -10,6 +10,9 @@ replica that (re)joins heals by fetching a live peer's state over HTTP. This mod
   under a name of its own, so ``pyparallel.all_reduce`` and the hooks run on it with any transport, and
   release everything pyparallel held for the previous quorum's group (worker thread, shared memory,
   collective counters, failure state) when torchft replaces it.
+* :class:`ReplicaGroup`: replicas of several ranks (processes on one host, each with a manager of its
+  own): the hooks reduce exactly inside the replica through shared memory and with their compression
+  across replicas, on each local rank's managed group (Note [Replica groups of several ranks]).
 * :func:`managed_hook` / :class:`ManagedHookState`: any DDP-style hook of :mod:`pyparallel.hooks`
   (int8, top-k, ...) run on the quorum's current group; an error (a dead peer, a timeout) is reported
   to the manager, so the step is discarded instead of crashing the replica.
