@@ -116,7 +116,7 @@ def main(argv=None) -> int:
                    help="default: ring with one rank per replica (replicas stand for hosts), else auto")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PNG", default=None,
-                   help="default: docs/fault_tolerance.png (docs/fault_tolerance_<L>ranks.png with L ranks per replica)")
+                   help="default: docs/fault_tolerance.png (L ranks per replica: docs/fault_tolerance_<L>ranks.png)")
     args = p.parse_args(argv)
     if args.transport is None:
         args.transport = "ring" if args.ranks_per_replica == 1 else "auto"

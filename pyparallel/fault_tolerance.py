@@ -298,8 +298,8 @@ def data_parallel(manager: torchft.Manager, group: ManagedGroup, module: nn.Modu
     state = ManagedHookState(manager, group, hook, hook_state)
     if wrapper == "pyparallel":
         if not dist.is_initialized():
-            raise RuntimeError("fault_tolerance.data_parallel: initialize this replica's own process group first "
-                               "(its ranks only, e.g. dist.init_process_group('gloo', store=..., rank=0, world_size=1))")
+            raise RuntimeError("fault_tolerance.data_parallel: initialize this replica's own process group first (its "
+                               "ranks only, e.g. dist.init_process_group('gloo', store=..., rank=0, world_size=1))")
         if dist.get_world_size() != group.ranks_per_replica:
             raise ValueError(f"fault_tolerance.data_parallel: the default group of this process has "
                              f"{dist.get_world_size()} ranks, but the ManagedGroup was built for replicas of "
