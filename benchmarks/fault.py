@@ -42,7 +42,8 @@ def run_once(args, hook: str, kill: bool) -> dict:
             "--transport", args.transport, "--timeout", str(args.timeout), "--threads", "1", "--no-progress",
             "--max-restarts", "3"]
     if kill:
-        argv += ["--kill-at-step", str(args.kill_at_step), "--kill-replica", str(args.kill_replica)]
+        argv += ["--kill-at-step", str(args.kill_at_step), "--kill-replica", str(args.kill_replica),
+                 "--kill-local-rank", str(args.kill_local_rank)]
     cfg = train.resolve_defaults(train.parser().parse_args(argv))  # the task's epochs, batch size, lr
     t0 = time.time()
     summary = train_fault_tolerant.launch(cfg)
@@ -111,6 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--ratio", type=float, default=0.01, help="top-k ratio")
     p.add_argument("--kill-at-step", type=int, default=100)
     p.add_argument("--kill-replica", type=int, default=1)
+    p.add_argument("--kill-local-rank", type=int, default=0, help="which process of the killed replica dies")
     p.add_argument("--timeout", type=float, default=5.0, help="process-group and manager timeout (s)")
     p.add_argument("--transport", default=None,
                    help="default: ring with one rank per replica (replicas stand for hosts), else auto")

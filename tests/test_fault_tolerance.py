@@ -247,6 +247,16 @@ def _replica_group_case(seed):
                                                          compression=kw.get("compression"))
             out[(name, numel)] = bool(torch.equal(x, want))
             out[(name, numel, "digest")] = x.sum().item() if numel else 0.0
+            # The C++ hierarchical op, given this replica's shared memory and the cross group by name (one
+            # piece), computes the same bits: ReplicaGroup differs from it only on the failure path.
+            code, param = {"dense": (0, 0), "avg": (0, 0), "int8": (1, 256), "int8_avg": (1, 256),
+                           "topk": (2, min(numel, 30))}[name]
+            y = inputs[rank].clone()
+            r = residuals[rank].clone() if name == "topk" else None
+            torch.ops.pyparallel.hierarchical_all_reduce_(
+                y, transport.resources(group.replica).shared_memory(), group.cross.group_name, 4,
+                kw.get("op") == "avg", code, param, r, 0)
+            out[(name, numel, "c++ op")] = bool(torch.equal(x, y))
     # A cross-replica step that fails for local rank 0 only (its two ranks disagree on the int8 block size,
     # which the header check catches): every rank of both replicas raises, and the next all-reduce works
     # (the shared memory stays in step).
