@@ -129,7 +129,8 @@ def main(argv=None) -> int:
     runs = []
     each = "one rank each" if args.ranks_per_replica == 1 else f"{args.ranks_per_replica} ranks each"
     print(f"# {args.replicas} replicas (torchft, {each}, Gloo, --transport {args.transport}), digits, "
-          f"{args.epochs} epochs, group timeout {args.timeout:g} s; replica {args.kill_replica} SIGKILLed in step "
+          f"{args.epochs} epochs, group timeout {args.timeout:g} s; replica {args.kill_replica}"
+          + (f" (local rank {args.kill_local_rank})" if args.ranks_per_replica > 1 else "") + " SIGKILLed in step "
           f"{args.kill_at_step}, restarted by the launcher", flush=True)
     print(f"# {'hook':<6} {'run':<13} {'steps':>5} {'all in':>6} {'rejoin':>6} {'stall s':>7} {'goal':>4} "
           f"{'acc %':>6} {'d acc':>6} {'goal':>4} {'equal':>5} {'wall s':>6}", flush=True)
