@@ -194,7 +194,9 @@ class ReplicaGroup:
         code, params = comm._kind(compression)
         flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
         numel, local, l = flat.numel(), self.replica.size(), self.replica.rank()
-        comm.collective(flat, self.replica, False, None, "shm")  # the replica's exact sum, on every local rank
+        # The replica's steps go through all_reduce, which orders them with any other collective of this
+        # process on the replica's group (its worker's lock); the sum is exact, on every local rank.
+        comm.all_reduce(flat, group=self.replica, transport="shm")
         region = shm_regions(numel, local)[l]
         mine = flat[region]
         if code == 2:  # top-k: the same fraction of the region as of the tensor, as the C++ op sends
@@ -213,8 +215,8 @@ class ReplicaGroup:
         flat[:region.start].zero_()
         flat[region.stop:].zero_()
         failed = torch.tensor([0.0 if error is None else 1.0])
-        comm.collective(failed, self.replica, False, None, "shm")
-        comm.collective(flat, self.replica, False, None, "shm")
+        comm.all_reduce(failed, group=self.replica, transport="shm")
+        comm.all_reduce(flat, group=self.replica, transport="shm")
         if failed.item():
             if error is not None:
                 raise error
