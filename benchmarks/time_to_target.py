@@ -177,7 +177,47 @@ def plot(report: dict, path: str, title: str) -> None:
         ax.grid(alpha=0.3)
     time_ax.set(xlabel="training wall-clock time (s)", title="quality against time")
     bytes_ax.set(xlabel="MB sent per rank", xscale="log", title="quality against bytes sent")
+    bytes_ax.set_xlim(left=1)
     bytes_ax.legend(fontsize=7, ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def markdown(report: dict) -> str:
+    """The table of a report as Markdown (for the README)."""
+    ttt = report["time_to_target"]
+    rows, ddp = ttt["rows"], ttt["rows"][0]["points"][-1]
+    lines = ["| row | ms / step | time to target | vs DDP | MB sent to target | fewer bytes | steps run | final loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['name']} | did not run: {row['error']} | | | | | | |")
+            continue
+        hit = reached(row, ttt["target_val_loss"])
+        lines.append("| " + " | ".join([
+            row["name"], f"{row['ms_per_step']:.0f}",
+            f"{hit['seconds']:.1f} s" if hit else "not reached",
+            f"{hit['seconds'] / ddp['seconds']:.2f}" if hit else "-",
+            f"{hit['bytes'] / 1e6:.1f}" if hit and hit["bytes"] is not None else "-",
+            f"{ddp['bytes'] / hit['bytes']:.0f}x" if hit and hit["bytes"] and ddp["bytes"] else "-",
+            str(row["steps"]), f"{row['final_val_loss']:.3f}"]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python benchmarks/time_to_target.py REPORT.json [--plot PNG] [--markdown]
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="redraw the plot or print the table of a benchmarks/train.py --json report")
+    p.add_argument("report")
+    p.add_argument("--plot", metavar="PNG")
+    p.add_argument("--markdown", action="store_true")
+    cli = p.parse_args()
+    with open(cli.report) as f:
+        saved = json.load(f)
+    if cli.plot:
+        where = "loopback" if saved["link"] == "loopback" else f"{saved['link']} links"
+        plot(saved["time_to_target"], cli.plot, f"charlm (2.5M parameters), {saved['ranks']} ranks, {where}")
+    if cli.markdown:
+        print(markdown(saved))

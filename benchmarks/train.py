@@ -10,10 +10,14 @@ Part ``powersgd``: the small default model trained --epochs epochs under torch's
 ``powerSGD_hook`` and with ours (default transport and the ring), at each --powersgd-ranks rank, the three
 interleaved and repeated --repeats times: final test accuracy and the median step time. (One bucket:
 torch's hook deadlocks on Gloo with several.) The time part's powersgd row compresses from step 0.
+Part ``ttt``: time to target on the char-level language model for every data-parallel algorithm
+(benchmarks/time_to_target.py): torch DDP fp32 sets the target validation loss, every other row (hooks,
+PowerSGD, LocalSGD, DiLoCo, torchft's DiLoCo) reports when it got there and how many bytes it had sent.
 
     python benchmarks/train.py -n 2                       # loopback
     python benchmarks/train.py -n 2 --link-gbit 1 --parts time --json link.json   # root: 1 Gbit/s links
     python benchmarks/train.py -n 2 --parts powersgd --repeats 3                 # ours against torch's PowerSGD
+    python benchmarks/train.py -n 4 --link-gbit 1 --parts ttt --json ttt.json    # time to target, 1 Gbit/s links
 """
 
 from __future__ import annotations
