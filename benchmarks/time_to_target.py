@@ -120,7 +120,10 @@ def run_all(args) -> dict:
     if unknown or names[0] != ROWS[0][0]:
         raise SystemExit(f"--ttt-rows: unknown {unknown} or first row not {ROWS[0][0]!r}; rows: {list(options)}")
     rows = [run_row(args, names[0], options[names[0]], args.ttt_steps, None)]
-    target, reference = rows[0]["points"][-1]["val_loss"], rows[0]["points"][-1]["seconds"]
+    # The target is the same on every rank (the evaluation all-reduces); the time is rank 0's.
+    reference = torch.tensor([rows[0]["points"][-1]["seconds"]], dtype=torch.float64)
+    dist.broadcast(reference, 0)
+    target, reference = rows[0]["points"][-1]["val_loss"], reference.item()
     if dist.get_rank() == 0:
         print_header(args, target, reference)
         print_row(rows[0], rows[0], target)

@@ -373,10 +373,11 @@ def run(args, wire_bytes=None) -> dict:
 
 
 def out_of_time(elapsed: float, limit: float) -> bool:
-    """Whether rank 0 has trained ``limit`` seconds: every rank stops at the same evaluation (clocks differ)."""
-    t = torch.tensor([elapsed], dtype=torch.float64)
-    dist.broadcast(t, 0)
-    return t.item() >= limit
+    """Whether rank 0 has trained ``limit`` seconds. Rank 0 decides and tells the others, so every rank
+    stops at the same evaluation even where clocks, or the limits the ranks were given, differ."""
+    stop = torch.tensor([elapsed >= limit], dtype=torch.uint8)
+    dist.broadcast(stop, 0)
+    return bool(stop.item())
 
 
 def describe(result: dict) -> str:

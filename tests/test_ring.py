@@ -61,9 +61,9 @@ def _dense_cases(seed):
                 t2 = xs[rank].clone()
                 sent = _ops.ring_all_reduce_(t2, _group(), average, segment_bytes=256)
                 assert torch.equal(t2, expect), (dtype, numel, average, "small segments")
-                carried = numel * t.element_size() <= ref.CARRY_BYTES  # one all-gather of fixed rows
-                tier = min(x for x in (1 << 10, 8 << 10, ref.CARRY_BYTES) if numel * t.element_size() <= x) if carried else 0
-                assert sent <= (2 * t.element_size() * numel if not carried else (n - 1) * (56 + tier))
+                nbytes = numel * t.element_size()
+                carried = nbytes <= ref.CARRY_BYTES  # a 1 KiB row with the header, then what did not fit
+                assert sent <= (2 * nbytes if not carried else (n - 1) * (1024 + max(0, nbytes - (1024 - 56))))
                 if dtype == torch.float32 and not average:
                     # Against Gloo's own all-reduce: two fp32 sums of n terms in different orders differ by at
                     # most 2 (n - 1) 2^-24 sum_i |x_i| per element.
@@ -225,6 +225,10 @@ def _mismatch(kind):
     rank = dist.get_rank()
     if kind == "numel":
         t = torch.ones(100 + rank)
+    elif kind == "numel_far":  # carried on rank 0, too large to carry elsewhere: rows of one size anyway
+        t = torch.ones(10 if rank == 0 else 50_000)
+    elif kind == "compression":
+        t = torch.ones(1000)
     elif kind == "dtype":
         t = torch.ones(100, dtype=torch.float32 if rank == 0 else torch.float16)
     elif kind == "op":
@@ -235,6 +239,8 @@ def _mismatch(kind):
     try:
         if kind == "op":
             _all_reduce(t, op="avg" if rank == 0 else "sum")
+        elif kind == "compression":
+            _all_reduce(t, compression="int8" if rank == 1 else None)
         else:
             _all_reduce(t)
     except RuntimeError as e:
@@ -313,6 +319,8 @@ def test_all_reduce_from_a_future_callback_does_not_deadlock(dist_pool):
 
 @pytest.mark.parametrize("kind,expect", [
     ("numel", "ranks disagree on the numel (rank 0: 100, rank 1: 101"),
+    ("numel_far", "ranks disagree on the numel (rank 0: 10, rank 1: 50000"),
+    ("compression", "ranks disagree on the collective (rank 0: "),
     ("dtype", "ranks disagree on the dtype (rank 0: Float, rank 1: Half"),
     ("op", "ranks disagree on the reduction (rank 0: average, rank 1: sum"),
     ("unsupported", "tensor must be float32, float16 or bfloat16, got Double"),
@@ -321,7 +329,8 @@ def test_mismatch_raises_on_every_rank(dist_pool, kind, expect):
     messages = dist_pool(3).run(_mismatch, kind, timeout=60)
     for msg in messages:
         assert msg is not None and expect in msg, msg
-    assert len(set(messages)) == 1, "every rank raises the same error"
+    # every rank raises the same error (the op named first is each rank's own: dense or int8)
+    assert len({m.split(": ", 1)[1] for m in messages}) == 1, messages
 
 
 @pytest.mark.parametrize("kind", ["dense", "int8", "topk"])

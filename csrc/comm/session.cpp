@@ -1,6 +1,7 @@
 // Session: tags, header check, transfers and their keep-alive for one collective; see session.h.
 #include "comm/session.h"
 
+#include <algorithm>
 #include <cstring>
 #include <mutex>
 #include <optional>
@@ -103,23 +104,43 @@ void Session::exchange_headers(const CollectiveHeader& header, const char* op, c
   if (transport_->has_all_gather()) {  // Note [Carried header]
     const int64_t nbytes = carry == nullptr ? -1 : carry->numel() * carry->element_size();
     carried_ = nbytes >= 0 && nbytes <= kCarryBytes;
-    const int64_t row = kHeaderBytes + (carried_ ? carry_tier(nbytes) : 0);
-    at::Tensor in = at::zeros({row}, at::kByte);  // zeros: the unused bytes are the same on every rank
-    std::memcpy(in.data_ptr(), mine.data(), kHeaderBytes);
     if (nbytes > 0 && carried_) {
       TORCH_CHECK(carry->is_contiguous() && carry->device().is_cpu(), op, ": a carried tensor must be contiguous on the CPU");
-      std::memcpy(in.data_ptr<uint8_t>() + kHeaderBytes, carry->const_data_ptr(), nbytes);
     }
-    at::Tensor out = at::empty({size_ * row}, at::kByte);  // flat: Gloo checks its chunks' shape against `in`
+    const auto* payload = carried_ && nbytes > 0 ? static_cast<const uint8_t*>(carry->const_data_ptr()) : nullptr;
+    // Round 1: rows of kFirstRowBytes on every rank, whatever it carries, so that ranks that disagree
+    // exchange rows of one size and all of them raise the header check's error below.
+    const int64_t head = std::min<int64_t>(std::max<int64_t>(nbytes, 0), kFirstRowBytes - kHeaderBytes);
+    at::Tensor in = at::zeros({kFirstRowBytes}, at::kByte);  // zeros: the unused bytes are the same on every rank
+    std::memcpy(in.data_ptr(), mine.data(), kHeaderBytes);
+    if (payload != nullptr) std::memcpy(in.data_ptr<uint8_t>() + kHeaderBytes, payload, head);
+    at::Tensor out = at::empty({size_ * kFirstRowBytes}, at::kByte);  // flat: Gloo checks its chunks' shape against `in`
     guarded([&] { transport_->all_gather(in, out)->wait(); });
-    rows_ = out.view({size_, row});
+    at::Tensor first = out.view({size_, kFirstRowBytes});
     at::Tensor all = at::empty({size_, kFields}, at::kLong);
     for (int q = 0; q < size_; ++q) {
-      std::memcpy(all[q].data_ptr<int64_t>(), rows_[q].const_data_ptr<uint8_t>(), kHeaderBytes);
+      std::memcpy(all[q].data_ptr<int64_t>(), first[q].const_data_ptr<uint8_t>(), kHeaderBytes);
     }
     bytes_sent_ = 0;
     check_headers_agree(all.const_data_ptr<int64_t>(), size_, op);
-    if (carried_) bytes_sent_ = row * (size_ - 1);  // the carried payload's traffic from this rank
+    if (!carried_) return;
+    bytes_sent_ = kFirstRowBytes * (size_ - 1);  // the carried payload's traffic from this rank
+    // Every rank now has the same numel and dtype, hence the same nbytes: round 2 (only for what did not
+    // fit in round 1) has rows of one size everywhere.
+    rows_ = at::empty({size_, std::max<int64_t>(nbytes, 1)}, at::kByte);
+    const int64_t rest = nbytes - head;
+    at::Tensor tail;
+    if (rest > 0) {
+      at::Tensor tail_in = at::from_blob(const_cast<uint8_t*>(payload) + head, {rest}, at::kByte);
+      tail = at::empty({size_ * rest}, at::kByte);
+      guarded([&] { transport_->all_gather(tail_in, tail)->wait(); });
+      bytes_sent_ += rest * (size_ - 1);
+    }
+    for (int q = 0; q < size_; ++q) {
+      uint8_t* row = rows_[q].data_ptr<uint8_t>();
+      std::memcpy(row, first[q].const_data_ptr<uint8_t>() + kHeaderBytes, head);
+      if (rest > 0) std::memcpy(row + head, tail.const_data_ptr<uint8_t>() + q * rest, rest);
+    }
     return;
   }
   at::Tensor all = at::empty({size_, kFields}, at::kLong);
@@ -148,7 +169,7 @@ void Session::exchange_headers(const CollectiveHeader& header, const char* op, c
 
 const void* Session::carried_row(int q) const {
   TORCH_CHECK(carried_, "Session::carried_row: nothing was carried");
-  return rows_[q].const_data_ptr<uint8_t>() + CollectiveHeader::kFields * sizeof(int64_t);
+  return rows_[q].const_data_ptr<uint8_t>();
 }
 
 size_t Session::record(Step step, int64_t sent_bytes) {

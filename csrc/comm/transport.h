@@ -67,20 +67,16 @@ class Transport {
 // transfers dominated small all-reduces. pyparallel/transport.py therefore gives every CPU group a
 // private twin: a Gloo group over the same store, registered as `<group>` + kTwinSuffix, used by our
 // worker thread only (never a collective on the caller's group). Every collective's header check is then
-// one all-gather of the 7 header fields. A dense all-reduce of at most kCarryBytes is carried in that same
-// all-gather and summed in rank order in fp32, as shared memory does: one collective in all. Its rows are
-// header + the smallest carry tier that holds the tensor (carry_tier), so ranks that disagree on numel or
-// dtype within a tier still exchange rows of one size and the header check names the difference, and a
-// tiny tensor does not pay for the largest tier. Only ranks whose tensors fall in different tiers exchange
-// rows of different sizes; Gloo then fails the all-gather (within the timeout).
+// one all-gather of the 7 header fields. A dense all-reduce of at most kCarryBytes is carried with it and
+// summed in rank order in fp32, as shared memory does. Every rank's first row is kFirstRowBytes: the
+// header and as much of the tensor as fits, so a tiny all-reduce is one all-gather of 1 KiB rows in all,
+// and ranks that disagree on anything (numel, dtype, compression) still exchange rows of one size and all
+// raise the header check's error. (Rows sized by each rank's own tensor made Gloo abort the process when
+// they differed.) What did not fit follows in a second all-gather, once the headers agree and so every
+// rank knows its size.
 constexpr const char* kTwinSuffix = "/pyparallel-twin";
 constexpr int64_t kCarryBytes = 64 << 10;
-inline int64_t carry_tier(int64_t nbytes) {
-  for (int64_t tier : {int64_t{1} << 10, int64_t{8} << 10, kCarryBytes}) {
-    if (nbytes <= tier) return tier;
-  }
-  return -1;  // not carried
-}
+constexpr int64_t kFirstRowBytes = 1 << 10;
 
 // The transport for collectives of `like`'s device on the process group named `group`.
 std::shared_ptr<Transport> transport_for(const std::string& group, const at::Tensor& like);
