@@ -58,7 +58,6 @@ import inspect
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -66,7 +65,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from launch import check_hosts, default_hosts, launch  # noqa: E402
+from launch import check_hosts, cpu_model, default_hosts, launch  # noqa: E402
 
 # variant -> (transport passed to pyparallel.all_reduce, compression); gloo is torch.distributed's
 VARIANTS = {
@@ -288,13 +287,7 @@ def bound_kind(name: str, hosts: int, link_gbit: float | None) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Gloo"
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, Gloo"
 
 
 def worker(args) -> int:

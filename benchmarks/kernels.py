@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +22,9 @@ import time
 import torch
 
 import pyparallel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from launch import cpu_model  # noqa: E402
 from pyparallel import ops
 from pyparallel import reference as ref
 
@@ -109,13 +111,7 @@ def cases(numel: int, dtype: torch.dtype, device: str):
 def machine(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def main(argv=None) -> int:

@@ -30,6 +30,17 @@ from netns import IFNAME, LinkEmulation, LinkEmulationError
 _PR_SET_PDEATHSIG = 1
 
 
+def cpu_model() -> str:
+    """The CPU's model name, for benchmark headers ("?" where /proc/cpuinfo does not say)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "?"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
