@@ -144,15 +144,21 @@ def print_header(args, target: float, reference: float) -> None:
           f"{'steps':>6} {'final loss':>10}", flush=True)
 
 
+def _outcome(row: dict, ddp: dict, target: float, mb_digits: int) -> list[str]:
+    """A row's time to target, its ratio to DDP's time, the MB it had sent by then and how many times
+    fewer than DDP ("-" where it did not get there or nothing was counted)."""
+    hit, ddp_hit = reached(row, target), ddp["points"][-1]
+    return [f"{hit['seconds']:.1f} s" if hit else "not reached",
+            f"{hit['seconds'] / ddp_hit['seconds']:.2f}" if hit else "-",
+            f"{hit['bytes'] / 1e6:.{mb_digits}f}" if hit and hit["bytes"] is not None else "-",
+            f"{ddp_hit['bytes'] / hit['bytes']:.0f}x" if hit and hit["bytes"] and ddp_hit["bytes"] else "-"]
+
+
 def print_row(row: dict, ddp: dict, target: float) -> None:
     if "error" in row:
         print(f"  {row['name']:<32} did not run: {row['error']}", flush=True)
         return
-    hit, ddp_hit = reached(row, target), ddp["points"][-1]
-    when = f"{hit['seconds']:.1f} s" if hit else "not reached"
-    ratio = f"{hit['seconds'] / ddp_hit['seconds']:.2f}" if hit else "-"
-    mb = f"{hit['bytes'] / 1e6:.2f}" if hit and hit["bytes"] is not None else "-"
-    fewer = (f"{ddp_hit['bytes'] / hit['bytes']:.0f}x" if hit and hit["bytes"] and ddp_hit["bytes"] else "-")
+    when, ratio, mb, fewer = _outcome(row, ddp, target, mb_digits=2)
     print(f"  {row['name']:<32} {row['ms_per_step']:>8.1f} {when:>10} {ratio:>7} {mb:>12} {fewer:>11} "
           f"{row['steps']:>6} {row['final_val_loss']:>10.4f}", flush=True)
 
@@ -190,21 +196,14 @@ def plot(report: dict, path: str, title: str) -> None:
 def markdown(report: dict) -> str:
     """The table of a report as Markdown (for the README)."""
     ttt = report["time_to_target"]
-    rows, ddp = ttt["rows"], ttt["rows"][0]["points"][-1]
     lines = ["| row | ms / step | time to target | vs DDP | MB sent to target | fewer bytes | steps run | final loss |",
              "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
+    for row in ttt["rows"]:
         if "error" in row:
             lines.append(f"| {row['name']} | did not run: {row['error']} | | | | | | |")
             continue
-        hit = reached(row, ttt["target_val_loss"])
-        lines.append("| " + " | ".join([
-            row["name"], f"{row['ms_per_step']:.0f}",
-            f"{hit['seconds']:.1f} s" if hit else "not reached",
-            f"{hit['seconds'] / ddp['seconds']:.2f}" if hit else "-",
-            f"{hit['bytes'] / 1e6:.1f}" if hit and hit["bytes"] is not None else "-",
-            f"{ddp['bytes'] / hit['bytes']:.0f}x" if hit and hit["bytes"] and ddp["bytes"] else "-",
-            str(row["steps"]), f"{row['final_val_loss']:.3f}"]) + " |")
+        cells = [row["name"], f"{row['ms_per_step']:.0f}"] + _outcome(row, ttt["rows"][0], ttt["target_val_loss"], 1)
+        lines.append("| " + " | ".join(cells + [str(row["steps"]), f"{row['final_val_loss']:.3f}"]) + " |")
     return "\n".join(lines)
 
 
