@@ -112,6 +112,66 @@ class WorkerPool:
         self.kill()
 
 
+def kill_rank_one_during_all_reduces(group, tensor, transport: str):
+    """The body of a pool case: rank 1 SIGKILLs itself 0.3 s into a loop of large ``transport`` all-reduces
+    of ``tensor`` on ``group`` (set up by one call first). Every other rank returns (first, later) for
+    :func:`assert_survivors_named_the_dead_rank`."""
+    import signal
+    import threading
+
+    import torch.distributed as dist
+
+    import pyparallel
+
+    pyparallel.all_reduce(tensor, group=group, transport=transport)  # set up (segment / buffers mapped)
+    if dist.get_rank() == 1:
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    deadline = time.monotonic() + 30
+    first = later = None
+    while time.monotonic() < deadline:
+        t0 = time.monotonic()
+        try:
+            pyparallel.all_reduce(tensor, group=group, transport=transport)
+        except RuntimeError as e:
+            first = (time.monotonic() - t0, str(e).splitlines()[0])
+            break
+    t1 = time.monotonic()
+    try:
+        pyparallel.all_reduce(tensor.new_ones(4), group=group, transport=transport)
+    except RuntimeError as e:
+        later = (time.monotonic() - t1, str(e).splitlines()[0])
+    return first, later
+
+
+def train_cli(overrides: dict) -> dict:
+    """``python -m pyparallel.train`` in a pool worker: the ring transport, one torch thread, no progress
+    bar, then ``overrides`` (argument names as attributes); its summary without the per-epoch curve."""
+    from pyparallel.train import parser, run
+
+    args = parser().parse_args(["--transport", "ring", "--no-progress", "--threads", "1"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    result = run(args)
+    result.pop("curve", None)
+    return result
+
+
+def assert_resume_is_bitwise(pool, options: dict, epochs: int, stop_at: int, directory: str) -> list:
+    """Trains ``epochs`` epochs straight, then ``stop_at`` epochs with a checkpoint and a resumed run to
+    ``epochs``: both must take the same steps and end with bitwise-equal parameters on every rank. Returns
+    the straight run's per-rank summaries."""
+    import torch
+
+    prefix = os.path.join(directory, "ckpt")
+    straight = pool.run(train_cli, dict(options, epochs=epochs), timeout=300)
+    pool.run(train_cli, dict(options, epochs=stop_at, checkpoint=prefix), timeout=300)
+    resumed = pool.run(train_cli, dict(options, epochs=epochs, resume=prefix), timeout=300)
+    for a, b in zip(straight, resumed):
+        assert a["steps"] == b["steps"]
+        assert all(torch.equal(p, q) for p, q in zip(a["final_parameters"], b["final_parameters"]))
+    return straight
+
+
 def assert_survivors_named_the_dead_rank(outcomes, dead: int, timeout_s: float) -> None:
     """For ``pool.outcomes`` of a case in which rank ``dead`` is SIGKILLed mid-collective and every other rank
     returns (first, later): its first failing collective as (seconds, first line of the error) and the next

@@ -14,8 +14,6 @@ import datetime
 import hashlib
 import os
 import random
-import signal
-import threading
 import time
 
 import pytest
@@ -261,31 +259,11 @@ def _die_in_ipc():
     """Rank 1 is SIGKILLed during large IPC all-reduces; the others must raise, naming it, within the
     group's timeout, and later calls must raise at once. (The group is never destroyed: the pool is
     killed after this case.)"""
-    import datetime
+    from dist_harness import kill_rank_one_during_all_reduces
 
-    rank = dist.get_rank()
-    dev = _device()
     os.environ["PYPARALLEL_IPC_BUFFER_BYTES"] = str(8 << 20)
     g = dist.new_group(list(range(dist.get_world_size())), timeout=datetime.timedelta(seconds=10))
-    t = torch.randn(16 << 20, device=dev)
-    pyparallel.all_reduce(t, group=g, transport="ipc")  # set up
-    if rank == 1:
-        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
-    deadline = time.monotonic() + 30
-    first = later = None
-    while time.monotonic() < deadline:
-        t0 = time.monotonic()
-        try:
-            pyparallel.all_reduce(t, group=g, transport="ipc")
-        except RuntimeError as e:
-            first = (time.monotonic() - t0, str(e).splitlines()[0])
-            break
-    t1 = time.monotonic()
-    try:
-        pyparallel.all_reduce(torch.ones(4, device=dev), group=g, transport="ipc")
-    except RuntimeError as e:
-        later = (time.monotonic() - t1, str(e).splitlines()[0])
-    return first, later
+    return kill_rank_one_during_all_reduces(g, torch.randn(16 << 20, device=_device()), "ipc")
 
 
 def _late_rank_times_out(timeout_s):

@@ -1,9 +1,7 @@
 """Communication hooks under torch's DDP and under pyparallel.DataParallel, in spawned Gloo ranks."""
 
-import os
 import pickle
 import random
-import tempfile
 import threading
 import time
 
@@ -14,7 +12,9 @@ from torch import nn
 
 import pyparallel
 from pyparallel import comm, hooks
-from pyparallel.train import load_digits_split, make_model, parser, run
+from pyparallel.train import load_digits_split, make_model
+
+from dist_harness import assert_resume_is_bitwise, train_cli
 
 # These tests are about the hooks' compression, which applies across hosts only: they run the ring
 # (test_transport.py covers "auto").
@@ -189,12 +189,7 @@ def _custom_hook_and_bad_config():
     return calls
 
 
-def _train(overrides):
-    args = parser().parse_args(["--transport", "ring"])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    args.no_progress = True
-    return run(args)
+_train = train_cli
 
 
 # ---- tests ----
@@ -289,14 +284,6 @@ def test_compressed_training_accuracy_close_to_fp32(dist_pool):
     assert acc["topk"] >= acc["allreduce"] - 0.02, acc
 
 
-def test_resume_is_bitwise_identical(dist_pool):
-    pool = dist_pool(2)
-    with tempfile.TemporaryDirectory() as tmp:
-        prefix = os.path.join(tmp, "ckpt")
-        common = dict(hook="topk", ratio=0.05, hidden=64, threads=1, seed=3)
-        straight = pool.run(_train, dict(common, epochs=4), timeout=300)
-        pool.run(_train, dict(common, epochs=2, checkpoint=prefix), timeout=300)
-        resumed = pool.run(_train, dict(common, epochs=4, resume=prefix), timeout=300)
-    for a, b in zip(straight, resumed):
-        assert a["steps"] == b["steps"]
-        assert all(torch.equal(p, q) for p, q in zip(a["final_parameters"], b["final_parameters"]))
+def test_resume_is_bitwise_identical(dist_pool, tmp_path):
+    assert_resume_is_bitwise(dist_pool(2), dict(hook="topk", ratio=0.05, hidden=64, seed=3), epochs=4, stop_at=2,
+                             directory=str(tmp_path))

@@ -23,6 +23,8 @@ import pyparallel
 from pyparallel import reference as ref
 from pyparallel.local_sgd import outer_sgd
 
+from dist_harness import assert_resume_is_bitwise, train_cli
+
 WORLD_SIZES = [1, 2, 4]
 
 
@@ -337,15 +339,7 @@ def _step_on_one_rank(transport, overlap):
     return time.monotonic() - t0, None
 
 
-def _train(overrides):
-    from pyparallel.train import parser, run
-
-    args = parser().parse_args(["--transport", "ring", "--no-progress", "--threads", "1"])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    result = run(args)
-    result.pop("curve")
-    return result
+_train = train_cli
 
 
 # ---- tests ----
@@ -474,14 +468,8 @@ def test_train_digits_localsgd_and_diloco(dist_pool):
                                         ("diloco", dict(compression="int8", overlap=True, fragments=2))])
 def test_train_resume_is_bitwise(dist_pool, tmp_path, algo, extra):
     pool = dist_pool(2)
-    prefix = str(tmp_path / "ckpt")
     common = dict(hidden=32, algo=algo, sync_every=6, seed=5, **extra)  # 22 steps per epoch: mid-round
-    straight = pool.run(_train, dict(common, epochs=3), timeout=300)
-    pool.run(_train, dict(common, epochs=1, checkpoint=prefix), timeout=300)
-    resumed = pool.run(_train, dict(common, epochs=3, resume=prefix), timeout=300)
-    for a, b in zip(straight, resumed):
-        assert a["steps"] == b["steps"]
-        assert all(torch.equal(p, q) for p, q in zip(a["final_parameters"], b["final_parameters"]))
+    assert_resume_is_bitwise(pool, common, epochs=3, stop_at=1, directory=str(tmp_path))
 
 
 def test_train_charlm_learns(dist_pool):

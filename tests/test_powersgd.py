@@ -2,7 +2,6 @@
 checkpoint, and on bad input. Multi-process cases run in spawned Gloo ranks (tests/dist_harness.py)."""
 
 import io
-import os
 import pickle
 import random
 import tempfile
@@ -15,7 +14,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_p
 
 import pyparallel
 from pyparallel import comm, hooks, reference
-from pyparallel.train import parser, run
+
+from dist_harness import assert_resume_is_bitwise, train_cli
 
 
 class _Net(nn.Module):
@@ -184,11 +184,7 @@ def _checkpoint_from_another_model():
     return None
 
 
-def _train(overrides):
-    args = parser().parse_args(["--transport", "ring", "--no-progress", "--threads", "1"])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return run(args)
+_train = train_cli
 
 
 # ---- tests ----
@@ -321,13 +317,8 @@ def test_training_cli_powersgd_trains_and_resumes(dist_pool):
     pool = dist_pool(2)
     common = dict(hook="powersgd", powersgd_rank=2, powersgd_start_iter=10, hidden=64, seed=5)
     with tempfile.TemporaryDirectory() as tmp:
-        prefix = os.path.join(tmp, "ckpt")
-        straight = pool.run(_train, dict(common, epochs=3), timeout=300)
-        pool.run(_train, dict(common, epochs=1, checkpoint=prefix), timeout=300)
-        resumed = pool.run(_train, dict(common, epochs=3, resume=prefix), timeout=300)
+        straight = assert_resume_is_bitwise(pool, common, epochs=3, stop_at=1, directory=tmp)
     assert straight[0]["test_accuracy"] > 0.8, straight[0]["test_accuracy"]
-    for a, b in zip(straight, resumed):
-        assert all(torch.equal(p, q) for p, q in zip(a["final_parameters"], b["final_parameters"]))
 
 
 def test_training_cli_runs_torchs_powersgd_hook_for_comparison(dist_pool):

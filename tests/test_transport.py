@@ -9,9 +9,7 @@ Results are compared bitwise with pyparallel.reference, and across ranks by dige
 import hashlib
 import os
 import random
-import signal
 import threading
-import time
 
 import pytest
 import torch
@@ -166,27 +164,10 @@ def _mismatch(nhosts, kind):
 
 def _die_in_shared_memory():
     """Rank 1 is SIGKILLed during large shared-memory all-reduces; the others must raise, naming it."""
-    rank = dist.get_rank()
+    from dist_harness import kill_rank_one_during_all_reduces
+
     g = dist.new_group(list(range(dist.get_world_size())))
-    t = torch.randn(16 << 20)
-    pyparallel.all_reduce(t, group=g, transport="shm")  # set up (segment mapped and unlinked)
-    if rank == 1:
-        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
-    deadline = time.monotonic() + 30
-    first = later = None
-    while time.monotonic() < deadline:
-        t0 = time.monotonic()
-        try:
-            pyparallel.all_reduce(t, group=g, transport="shm")
-        except RuntimeError as e:
-            first = (time.monotonic() - t0, str(e).splitlines()[0])
-            break
-    t1 = time.monotonic()
-    try:
-        pyparallel.all_reduce(torch.ones(4), group=g, transport="shm")
-    except RuntimeError as e:
-        later = (time.monotonic() - t1, str(e).splitlines()[0])
-    return first, later
+    return kill_rank_one_during_all_reduces(g, torch.randn(16 << 20), "shm")
 
 
 def _ddp_find_unused_with_our_hook(transport):
