@@ -188,3 +188,14 @@ def assert_survivors_named_the_dead_rank(outcomes, dead: int, timeout_s: float) 
         assert f"rank {dead}" in message and "died" in message, message
         assert elapsed < timeout_s, f"raised after {elapsed:.1f} s (group timeout {timeout_s:.0f} s)"
         assert later is not None and later[0] < 1 and "earlier" in later[1], later
+
+
+def assert_rank_one_killed_is_named(case, timeout: float) -> None:
+    """Runs ``case`` (rank 1 SIGKILLs itself, see :func:`kill_rank_one_during_all_reduces`) in a fresh pool of
+    3 ranks with a 10 s group timeout (the pool does not survive it) and checks the survivors' outcomes."""
+    pool = WorkerPool(3, pg_timeout_s=10)
+    try:
+        outcomes = pool.outcomes(case, timeout=timeout)
+    finally:
+        pool.kill()
+    assert_survivors_named_the_dead_rank(outcomes, dead=1, timeout_s=10)

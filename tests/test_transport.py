@@ -314,15 +314,10 @@ def test_mismatch_raises_on_every_rank(dist_pool, nhosts, kind):
 
 
 def test_sigkill_in_shared_memory_raises_and_leaves_nothing():
-    from dist_harness import WorkerPool, assert_survivors_named_the_dead_rank
+    from dist_harness import assert_rank_one_killed_is_named
 
     before = {f for f in os.listdir("/dev/shm") if f.startswith("pyparallel-")}
-    pool = WorkerPool(3, pg_timeout_s=10)
-    try:
-        outcomes = pool.outcomes(_die_in_shared_memory, timeout=90)
-    finally:
-        pool.kill()
-    assert_survivors_named_the_dead_rank(outcomes, dead=1, timeout_s=10)
+    assert_rank_one_killed_is_named(_die_in_shared_memory, timeout=90)
     after = {f for f in os.listdir("/dev/shm") if f.startswith("pyparallel-")}
     assert after <= before, f"left in /dev/shm: {after - before}"
 
