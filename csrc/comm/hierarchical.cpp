@@ -163,15 +163,15 @@ int64_t hierarchical_all_reduce(at::Tensor& tensor, const std::string& comm, con
     return sent;
   };
 
+  at::Tensor first = piece(0);
   try {
-    at::Tensor first = piece(0);
     shm->reduce_scatter(first, header, op);
   } catch (const c10::Error&) {
     if (shm->failed()) throw;
     // This host's ranks disagree. Tell the other hosts too, or they would wait for us in the inter-host
     // step: a header no rank of theirs can match (numel -1) makes that step raise everywhere.
-    const auto [b, e] = shm->region(piece(0).numel(), shm->rank());
-    CollectiveHeader poisoned = CollectiveHeader::of(piece(0).slice(0, b, e), kind, false, 0);
+    const auto [b, e] = shm->region(first.numel(), shm->rank());
+    CollectiveHeader poisoned = CollectiveHeader::of(first.slice(0, b, e), kind, false, 0);
     poisoned.numel = -1;
     try {
       Session tell(cross_group, flat, poisoned, op);
