@@ -17,10 +17,10 @@ replica that (re)joins heals by fetching a live peer's state over HTTP. This mod
   (int8, top-k, ...) run on the quorum's current group; an error (a dead peer, a timeout) is reported
   to the manager, so the step is discarded instead of crashing the replica.
 * :class:`TrainingState`: what a healing replica receives from a live peer: the model, the optimizer,
-  the hook state (counters, iteration, warm-up progress, ...) and the user's extras. Error-feedback
-  residuals are per-replica memories of gradient that replica did not send, so a healed replica starts
-  with zero residuals rather than a copy of its donor's (a copy would send the donor's unsent gradient
-  twice); everything else is copied.
+  the hook state (counters, iteration, warm-up progress, PowerSGD's Qs and generator, ...) and the
+  user's extras. Error feedback (top-k's residuals, PowerSGD's errors) is a per-replica memory of
+  gradient that replica did not send, so a healed replica starts it at zero rather than with a copy of
+  its donor's (a copy would send the donor's unsent gradient twice); everything else is copied.
 * :func:`make_manager`: a Manager with the settings this module relies on (synchronous quorum: a
   healing replica loads its donor's state before the step's forward pass and takes part in the step,
   so every replica runs the same hooks with the same hook state).
@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import comm
+from . import comm, hooks
 from . import transport as _transport
 from .data_parallel import DataParallel
 from .reference import shm_regions
@@ -298,6 +298,8 @@ def data_parallel(manager: torchft.Manager, group: ManagedGroup, module: nn.Modu
             the same on a healed replica as on its peers).
     """
     state = ManagedHookState(manager, group, hook, hook_state)
+    if isinstance(hook_state, hooks.HookState) and not hook_state.model_registered:
+        hook_state.register_model(module)  # per-parameter state keyed by name (Note [Hook state keyed by parameter])
     if wrapper == "pyparallel":
         if not dist.is_initialized():
             raise RuntimeError("fault_tolerance.data_parallel: initialize this replica's own process group first (its "
@@ -325,8 +327,9 @@ class TrainingState:
         module: the model.
         optimizer: the inner optimizer (not torchft's wrapper).
         hook_state: the communication hook's state (:mod:`pyparallel.hooks`); its ``state_dict()`` is
-            copied, except error-feedback residuals (attributes named ``residuals``), which a healed
-            replica starts at zero: they hold the gradient its own earlier steps did not send.
+            copied (top-k's iteration, PowerSGD's Qs, iteration and generator, counters), then the healed
+            replica forgets the error feedback (``reset_error_feedback()``: top-k's residuals, PowerSGD's
+            errors): it holds gradient that this replica's own earlier steps did not send.
         extra: optional ``(state_dict, load_state_dict)`` pair for anything else (data position, RNG).
     """
 
@@ -349,10 +352,10 @@ class TrainingState:
             if "hook" not in state:
                 raise ValueError("TrainingState: the donor sent no hook state, but this replica has one")
             self.hook_state.load_state_dict(state["hook"])
-            residuals = getattr(self.hook_state, "residuals", None)
-            if isinstance(residuals, dict):
-                for r in residuals.values():
-                    r.zero_()
+        for part in (self.optimizer, self.hook_state):  # the hook's, and DiLoCo's / LocalSGD's top-k residual
+            reset = getattr(part, "reset_error_feedback", None)
+            if reset is not None:
+                reset()
         if self.extra is not None:
             self.extra[1](state["extra"])
         self.heals += 1
