@@ -21,6 +21,8 @@ replica that (re)joins heals by fetching a live peer's state over HTTP. This mod
   user's extras. Error feedback (top-k's residuals, PowerSGD's errors) is a per-replica memory of
   gradient that replica did not send, so a healed replica starts it at zero rather than with a copy of
   its donor's (a copy would send the donor's unsent gradient twice); everything else is copied.
+* :class:`Optimizer`: torchft's optimizer wrapper, plus: the hook state of a discarded step is put back
+  as it was when the step began (Note [Discarded steps]).
 * :func:`make_manager`: a Manager with the settings this module relies on (synchronous quorum: a
   healing replica loads its donor's state before the step's forward pass and takes part in the step,
   so every replica runs the same hooks with the same hook state).
@@ -31,12 +33,13 @@ Example (one process per replica; ``torchft_lighthouse --min_replicas 1`` runnin
     training = fault_tolerance.TrainingState(net, inner_optimizer, hooks.Int8State())
     manager = fault_tolerance.make_manager(group, training, lighthouse=addr, replica_id="replica0")
     model = fault_tolerance.data_parallel(manager, group, net, hooks.int8_hook, training.hook_state)
-    optimizer = torchft.Optimizer(manager, inner_optimizer)
+    optimizer = fault_tolerance.Optimizer(manager, inner_optimizer, training)    # torchft's, + rollback
     while manager.current_step() < total_steps:
         optimizer.zero_grad()                 # quorum; reconfigures the group; heals this replica if behind
         rank, n = manager.participating_rank(), manager.num_participants()
         loss_fn(model(x[rank::n]), y[rank::n]).backward()
-        optimizer.step()                      # steps only if every replica's collectives succeeded
+        optimizer.step()                      # steps only if every replica's collectives succeeded, else
+                                              # puts the hook state back as it was before the step
 """
 
 # No `from __future__ import annotations`: DDP's register_comm_hook checks managed_hook's annotation objects.
@@ -359,6 +362,67 @@ class TrainingState:
         if self.extra is not None:
             self.extra[1](state["extra"])
         self.heals += 1
+
+    def hook_snapshot(self):
+        """The hook state now (a copy), for :meth:`restore_hook` if the step is discarded."""
+        return None if self.hook_state is None else self.hook_state.state_dict()
+
+    def restore_hook(self, snapshot) -> None:
+        """Puts the hook state back to ``snapshot`` (Note [Discarded steps]); ``bytes_sent`` keeps counting:
+        the discarded step's bytes did go on the wire."""
+        if snapshot is None:
+            return
+        sent = getattr(self.hook_state, "bytes_sent", None)
+        self.hook_state.load_state_dict(snapshot)
+        if sent is not None:
+            self.hook_state.bytes_sent = sent
+
+
+# Note [Discarded steps]
+# torchft discards a step in which a collective failed on some replica (should_commit is False): the
+# optimizer does not step. The hook state has moved on by then: top-k's residual took in this step's
+# unsent gradient and its iteration advanced, PowerSGD's errors, Qs, iteration and generator changed
+# (and after a failure between its two all-reduces, its Qs are this replica's own partial values). Left
+# so, the retried step starts from another state than the step it replaces, and the replicas' Qs may
+# differ. Optimizer keeps a copy of the hook state from the start of every step (after the quorum, so
+# after any heal) and puts it back when the step is discarded: a discarded step leaves no trace but the
+# bytes it sent. The price is one copy of the hook state per step (state_dict(): for top-k and PowerSGD
+# a copy of their error feedback, the size of the model; for int8 two counters).
+
+class Optimizer(torchft.Optimizer):
+    """torchft's optimizer wrapper (``zero_grad()`` starts the step's quorum, which heals this replica if
+    it is behind; ``step()`` steps the inner optimizer only if ``manager.should_commit()``) that also
+    rolls the hook state back when the step is discarded (Note [Discarded steps]).
+
+    Args:
+        manager: the replica's :class:`torchft.Manager`.
+        optim: the inner optimizer.
+        training: the :class:`TrainingState` registered with the manager (its ``hook_state`` is rolled back).
+
+    ``committed``: whether the last ``step()`` committed.
+    """
+
+    def __init__(self, manager: torchft.Manager, optim: torch.optim.Optimizer, training: TrainingState):
+        if not isinstance(training, TrainingState):
+            raise TypeError(f"fault_tolerance.Optimizer: training must be a TrainingState, got {type(training).__name__}")
+        super().__init__(manager, optim)
+        self.training = training
+        self.committed: bool | None = None
+        self._snapshot = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)  # the quorum; a heal loads the donor's hook state before the copy
+        self._snapshot = self.training.hook_snapshot()
+
+    def step(self, closure=None) -> None:
+        if closure is not None:
+            raise ValueError("fault_tolerance.Optimizer: closures are not supported (torchft's wrapper neither)")
+        self.committed = self.manager.should_commit()
+        if self.committed:
+            self.optim.step()
+        else:
+            self.training.restore_hook(self._snapshot)
+        self._snapshot = None
 
 
 def make_manager(group: ManagedGroup, training: TrainingState, *, lighthouse: str, replica_id: str,

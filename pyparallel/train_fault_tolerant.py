@@ -373,8 +373,6 @@ def _note(msg: str) -> None:
 
 def replica_main(args) -> None:
     """One replica process: trains until the committed step count reaches the run's total."""
-    import torchft
-
     from . import fault_tolerance as ft
     from .train import HOOKS, evaluate, load_digits_split, make_model, parameter_digest
 
@@ -405,7 +403,7 @@ def replica_main(args) -> None:
                               rank=local_rank, world_size=local_size)
     wrapped = ft.data_parallel(manager, group, model, hook, hook_state, wrapper=args.ddp,
                                bucket_cap_mb=args.bucket_cap_mb)
-    optimizer = torchft.Optimizer(manager, inner)
+    optimizer = ft.Optimizer(manager, inner, training)  # torchft's wrapper; rolls back a discarded step's hook state
     _note("manager up")
 
     global_batch = args.batch_size * args.replicas * local_size

@@ -269,11 +269,9 @@ def _two_replica_group():
 class _Replica:
     """One replica of the pool's two: a small model whose one bucket goes through managed_hook with the
     given hook (a step may be made to fail after the hook communicated: what a peer's death in the last
-    moment looks like), under a FakeManager and torchft's optimizer wrapper."""
+    moment looks like), under a FakeManager and our optimizer wrapper (torchft's, with the rollback)."""
 
     def __init__(self, kind, group):
-        import torchft
-
         torch.manual_seed(0)  # the same model on both replicas
         self.net = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.ReLU(), torch.nn.Linear(12, 5))
         if kind == "topk":
@@ -286,7 +284,7 @@ class _Replica:
         self.training = ft.TrainingState(self.net, self.inner, self.state)
         self.manager = FakeManager(participants=2)
         self.managed = ft.ManagedHookState(self.manager, group, self._hook, self.state)
-        self.optimizer = torchft.Optimizer(self.manager, self.inner)
+        self.optimizer = ft.Optimizer(self.manager, self.inner, self.training)
         self.fail = False
 
     def _hook(self, state, bucket):
@@ -363,14 +361,20 @@ def _heal_and_discard_case(kind):
             reference.state.reset_error_feedback()
         out["healed_step"] = healed.step(3)
         out["reference_step"] = reference.step(3)
-        # A discarded step (the hook ran, then the step failed): nothing is applied, and the replicas still
-        # agree on the hook state and go on in step.
+        # A discarded step (the hook ran, then the step failed): nothing is applied, the hook state is put
+        # back as it was (Note [Discarded steps]), so the pair goes on exactly as the reference pair, which
+        # never took that step: the same bits, the same hook state (error feedback included).
         before = [p.detach().clone() for p in healed.net.parameters()]
         out["discarded"] = healed.step(4, fail=True) is None and healed.manager.errors != []
         out["unchanged_by_discard"] = all(torch.equal(p, q) for p, q in zip(before, healed.net.parameters()))
         out["shared_state"] = healed.shared_state()
         out["after"] = healed.step(5)
+        out["reference_after"] = reference.step(5)
+        mine, ref = healed.state.state_dict(), reference.state.state_dict()
+        out["bytes_counted"] = mine.pop("bytes_sent") > ref.pop("bytes_sent")  # the discarded step's bytes were sent
+        out["same_hook_state_as_reference"] = _same(mine, ref)
         out["params"] = [p.detach().clone() for p in healed.net.parameters()]
+        out["reference_params"] = [p.detach().clone() for p in reference.net.parameters()]
     finally:
         group.shutdown()
         del server
@@ -378,7 +382,7 @@ def _heal_and_discard_case(kind):
 
 
 @pytest.mark.parametrize("kind", ["topk", "powersgd"])
-def test_healed_replica_continues_with_its_peers_hook_state_and_a_discarded_step_keeps_them_in_step(dist_pool, kind):
+def test_healed_replica_continues_with_its_peers_hook_state_and_a_discarded_step_leaves_no_trace(dist_pool, kind):
     a, b = dist_pool(2).run(_heal_and_discard_case, kind, timeout=120)
     assert b["heals"] == 1
     assert b["healed_error_feedback"] in ([], [False] * 4)  # powersgd: no error remembered; top-k: zeros
@@ -387,6 +391,10 @@ def test_healed_replica_continues_with_its_peers_hook_state_and_a_discarded_step
         assert r["discarded"] and r["unchanged_by_discard"]
     assert _same(a["shared_state"], b["shared_state"])
     assert torch.equal(a["after"], b["after"])
+    for r in (a, b):
+        assert torch.equal(r["after"], r["reference_after"]) and r["same_hook_state_as_reference"]
+        assert r["bytes_counted"]
+        assert all(torch.equal(p, q) for p, q in zip(r["params"], r["reference_params"]))
     assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"]))
 
 
