@@ -321,6 +321,13 @@ def data_parallel(manager: torchft.Manager, group: ManagedGroup, module: nn.Modu
     raise ValueError(f"fault_tolerance.data_parallel: wrapper must be 'pyparallel' or 'torch', got {wrapper!r}")
 
 
+def detached_copy(tree):
+    """``tree`` (dicts, lists, tuples) with every tensor replaced by a detached copy."""
+    from torch.utils._pytree import tree_map_only
+
+    return tree_map_only(torch.Tensor, lambda t: t.detach().clone(), tree)
+
+
 class TrainingState:
     """Everything a healing replica needs from a live peer: registered with the manager by
     :func:`make_manager`, sent by a donor at quorum time and loaded by the healing replica before its
@@ -341,12 +348,14 @@ class TrainingState:
         self.heals = 0
 
     def state_dict(self) -> dict:
+        """A copy (:func:`detached_copy`): torchft serves a donor's state from memory while the donor goes
+        on (with LocalSGD / DiLoCo, through a whole round before its next should_commit)."""
         out = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.hook_state is not None:
             out["hook"] = self.hook_state.state_dict()
         if self.extra is not None:
             out["extra"] = self.extra[0]()
-        return out
+        return detached_copy(out)
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
@@ -490,3 +499,7 @@ def start_lighthouse(min_replicas: int = 1, bind: str = "[::]:0", join_timeout_m
 
     return LighthouseServer(bind=bind, min_replicas=min_replicas, join_timeout_ms=join_timeout_ms,
                             heartbeat_timeout_ms=heartbeat_timeout_ms)
+
+
+# LocalSGD / DiLoCo rounds on torchft live in their own module (they need ManagedGroup, defined above).
+from .managed_local_sgd import ManagedDiLoCo, ManagedLocalSGD  # noqa: E402,F401

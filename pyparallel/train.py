@@ -451,8 +451,8 @@ def main(argv=None) -> None:
                  args.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         args.threads = max(1, (os.cpu_count() or 1) // world)
     if args.fault_tolerant:
-        if args.task != "digits" or args.algo != "ddp":
-            p.error("--fault-tolerant trains the digits task with --algo ddp (a hook per step) for now")
+        if args.task != "digits":
+            p.error("--fault-tolerant trains the digits task for now")
         resolve_defaults(args)
         train_fault_tolerant.main(args)
         return

@@ -30,12 +30,18 @@ class FakeManager:
     def __init__(self, participants=1, participating=True):
         self.errors, self.participants, self.participating = [], participants, participating
         self.step = 0
+        self.fail_commit = False  # the next should_commit says no (a peer's failure)
+        self.state_fns = {}
+
+    def register_state_dict_fn(self, key, load, save):
+        self.state_fns[key] = (load, save)
 
     def start_quorum(self):
         self.errors = []
 
     def should_commit(self):
-        if self.errors:
+        if self.errors or self.fail_commit:
+            self.fail_commit = False
             return False
         self.step += 1
         return True
@@ -326,6 +332,8 @@ def _same(a, b):
         return isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b
 
 
@@ -396,6 +404,117 @@ def test_healed_replica_continues_with_its_peers_hook_state_and_a_discarded_step
         assert r["bytes_counted"]
         assert all(torch.equal(p, q) for p, q in zip(r["params"], r["reference_params"]))
     assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"]))
+
+
+# ---- LocalSGD / DiLoCo rounds across a heal and a discarded round (two replicas of the worker pool) ----
+
+class _RoundReplica:
+    """One replica of the pool's two, training a small regression with ManagedDiLoCo / ManagedLocalSGD
+    (rounds of 3 inner steps) under a FakeManager; what torchft would send a healing peer is what the
+    manager's registered functions save."""
+
+    def __init__(self, algo, compression, group):
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+        self.inner = torch.optim.SGD(self.net.parameters(), lr=0.1, momentum=0.9)
+        self.manager = FakeManager(participants=2)
+        self.training = ft.TrainingState(self.net, self.inner)
+        self.manager.register_state_dict_fn("pyparallel", self.training.load_state_dict, self.training.state_dict)
+        cls = ft.ManagedDiLoCo if algo == "diloco" else ft.ManagedLocalSGD
+        self.opt = cls(self.manager, group, self.net, self.inner, 3, compression=compression, transport="ring")
+
+    def round(self, fail=False):
+        r = self.opt.start_round()
+        for j in range(3):
+            gen = torch.Generator().manual_seed(1000 * r + 10 * j + dist.get_rank())
+            x, y = torch.randn(5, 8, generator=gen), torch.randn(5, 3, generator=gen)
+            self.opt.zero_grad()
+            torch.nn.functional.mse_loss(self.net(x), y).backward()
+            self.manager.fail_commit = fail and j == 2
+            self.opt.step()
+        return self.opt.last_round_committed
+
+    def heal_state(self):
+        return {key: save() for key, (_, save) in self.manager.state_fns.items()}
+
+    def heal(self, sent, step):
+        for key, (load, _) in self.manager.state_fns.items():  # as torchft's _apply_pending_state_dict
+            load(sent[key])
+        self.manager.step = step
+
+    def state(self):
+        """Model and LocalSGD / DiLoCo state (anchor, outer and inner optimizers, residual, counters)."""
+        out = ft.detached_copy({"model": self.net.state_dict(), "opt": self.opt.state_dict()})
+        out["opt"].pop("bytes_sent")  # a discarded round's bytes did go on the wire
+        return out
+
+
+def _rounds_case(algo, compression):
+    rank = dist.get_rank()
+    group, server = _two_replica_group()
+    out = {}
+    try:
+        me = _RoundReplica(algo, compression, group)
+        assert me.round()
+        # Replica 1 heals from replica 0 after round 0, through what the manager's registered functions
+        # send. The reference pair loads replica 0's whole checkpoint instead (model, and LocalSGD /
+        # DiLoCo's state_dict: inner optimizer, anchor, outer optimizer, residual, counters), and replica 1
+        # of it forgets the residual: the heal must have carried everything else.
+        sent = [(me.heal_state(), me.manager.step, me.net.state_dict(), me.opt.state_dict()) if rank == 0 else None]
+        dist.broadcast_object_list(sent, src=0)
+        heal, step, model, checkpoint = ft.detached_copy(sent[0])  # rank 0's holds its live tensors
+        healed, reference = (me, _RoundReplica(algo, compression, group)) if rank == 0 else \
+            (_RoundReplica(algo, compression, group), me)
+        reference.net.load_state_dict(model)
+        reference.opt.load_state_dict(checkpoint)
+        reference.manager.step = step
+        if rank == 1:
+            healed.heal(heal, step)
+            out["healed_residual_zero"] = all(not f.residual.any() for frag in healed.opt._fragments
+                                              for f in frag.flats if f.residual is not None)
+            reference.opt.reset_error_feedback()
+        # A discarded round (the all-reduce went through, then should_commit said no): anchor, outer
+        # optimizer and model as before it; inner optimizer, residual and counters back to the round's start.
+        before = healed.state()
+        out["discarded"] = healed.round(fail=True) is False
+        out["discard_left_no_trace"] = _same(healed.state(), before)
+        out["model_is_anchor"] = all(torch.equal(p, a) for p, a in zip(
+            healed.net.parameters(), healed.opt.global_parameters()))
+        # The retried round and the next: exactly the reference pair's two rounds.
+        out["committed"] = [healed.round(), healed.round(), reference.round(), reference.round()]
+        out["same_as_reference"] = _same(healed.state(), reference.state())
+        out["anchor"] = [a.clone() for a in healed.opt.global_parameters()]
+        out["params"] = [p.detach().clone() for p in healed.net.parameters()]
+        out["rounds"] = healed.manager.step
+    finally:
+        group.shutdown()
+        del server
+    return out
+
+
+@pytest.mark.parametrize("algo,compression", [("diloco", "topk"), ("localsgd", None)])
+def test_rounds_heal_with_the_outer_state_and_a_discarded_round_leaves_no_trace(dist_pool, algo, compression):
+    a, b = dist_pool(2).run(_rounds_case, algo, compression, timeout=120)
+    if compression == "topk":
+        assert b["healed_residual_zero"]
+    for r in (a, b):
+        assert r["discarded"] and r["discard_left_no_trace"] and r["model_is_anchor"]
+        assert r["committed"] == [True] * 4 and r["rounds"] == 3
+        assert r["same_as_reference"]
+    assert all(torch.equal(x, y) for x, y in zip(a["anchor"] + a["params"], b["anchor"] + b["params"]))
+
+
+def test_managed_rounds_refuse_what_they_do_not_support():
+    net = torch.nn.Linear(3, 2)
+    inner = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="overlap=True is not supported"):
+        ft.ManagedDiLoCo(FakeManager(), FakeGroup(OneRank()), net, inner, 4, overlap=True)
+    with pytest.raises(ValueError, match="fragments > 1"):
+        ft.ManagedLocalSGD(FakeManager(), FakeGroup(OneRank()), net, inner, 4, fragments=2)
+    with pytest.raises(TypeError, match="ManagedGroup"):
+        ft.ManagedDiLoCo(FakeManager(), object(), net, inner, 4)
+    with pytest.raises(TypeError, match="no process_group"):
+        ft.ManagedDiLoCo(FakeManager(), FakeGroup(OneRank()), net, inner, 4, process_group=None)
 
 
 # ---- replicas of two ranks: exact inside, compressed across (four ranks of the worker pool) ----
@@ -558,6 +677,42 @@ def test_killed_replica_heals_with_powersgd_state_past_its_start():
     assert sorted(params) == [0, 1, 2]
     assert all(torch.equal(p, q) for i in (1, 2) for p, q in zip(params[0], params[i]))
     assert s["heals"]["1"] >= 1 and s["rejoined_at_step"]["1"] == [4]
+    assert s["participants_per_step"] == [3] * s["steps"]
+
+
+def test_diloco_survivors_finish_with_equal_anchors_when_a_replica_is_killed():
+    # DiLoCo, rounds of H = 4 inner steps (7 rounds in 2 epochs), int8 on the wire. Replica 1 dies in inner
+    # step 10 (round 2); the survivors find out in round 2's synchronisation, discard the round and retry
+    # it in a quorum of two: the round's pseudo-gradients averaged over 2. Their models, which are the
+    # anchor after every synchronisation, end bitwise equal.
+    with tempfile.TemporaryDirectory() as tmp:
+        s, params, log = _launch(tmp, "--algo", "diloco", "--sync-every", "4", "--compression", "int8", "--epochs",
+                                 "2", "--min-replicas", "2", "--max-restarts", "0", "--kill-at-step", "10",
+                                 "--kill-replica", "1", "--transport", "ring", "--timeout", "10")
+    assert "replica 1 (incarnation 0) killed by SIGKILL" in log
+    assert sorted(params) == [0, 2]
+    assert all(torch.equal(p, q) for p, q in zip(params[0], params[2]))
+    assert s["parameters_equal"] and s["algo"] == "diloco" and s["steps"] == 2 * (1437 // 96) // 4
+    assert s["participants_per_step"] == [3, 3] + [2] * (s["steps"] - 2)
+    discarded = sorted((e["replica"], e["step"]) for e in s["steps_log"] if not e["committed"])
+    assert discarded == [(0, 2), (2, 2)]
+    assert s["longest_stall_s"] < 10 + 5
+
+
+def test_diloco_replica_restarts_and_heals_with_the_outer_state():
+    # Every round needs all three replicas; replica 1 dies in inner step 10 (round 2) and the survivors
+    # wait for its restart, which heals from a live peer before round 2: model (= anchor), inner
+    # optimizer, anchor, outer optimizer's Nesterov momentum, round; its top-k residual starts at zero. A
+    # healed replica that missed any of these would step its anchor differently from its peers.
+    with tempfile.TemporaryDirectory() as tmp:
+        s, params, log = _launch(tmp, "--algo", "diloco", "--sync-every", "4", "--compression", "topk", "--ratio",
+                                 "0.1", "--epochs", "2", "--min-replicas", "3", "--max-restarts", "1",
+                                 "--kill-at-step", "10", "--kill-replica", "1", "--transport", "ring", "--timeout",
+                                 "60")
+    assert "replica 1 restarted" in log
+    assert sorted(params) == [0, 1, 2]
+    assert all(torch.equal(p, q) for i in (1, 2) for p, q in zip(params[0], params[i]))
+    assert s["heals"]["1"] >= 1 and s["rejoined_at_step"]["1"] == [2]
     assert s["participants_per_step"] == [3] * s["steps"]
 
 
