@@ -183,7 +183,6 @@ class _PeriodicSync(torch.optim.Optimizer):
         self.transport = check_transport(transport, who)
         self.compression = self._parse_compression(compression, who)
         self.model, self.optim = model, optimizer
-        self.param_groups = optimizer.param_groups
         self.defaults = optimizer.defaults
         self.process_group = process_group
         self.sync_every, self.overlap, self.num_fragments = sync_every, bool(overlap), fragments
@@ -227,6 +226,12 @@ class _PeriodicSync(torch.optim.Optimizer):
     @property
     def state(self):  # type: ignore[override]
         return self.optim.state
+
+    @property
+    def param_groups(self):  # type: ignore[override]
+        # The inner optimizer's, read each time: its load_state_dict() replaces the list (a resume, a heal
+        # under torchft, a discarded round), and an LR scheduler must keep reaching the live one.
+        return self.optim.param_groups
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(sync_every={self.sync_every}, compression={self.compression}, "
