@@ -13,6 +13,7 @@ ranks on this machine:
     python -m pyparallel.train --nproc 2 --task charlm --algo localsgd --sync-every 10 --transport ring
     torchrun --nproc_per_node 2 --max-restarts 2 -m pyparallel.train --checkpoint-dir ckpt --checkpoint-every 50
     python -m pyparallel.train --fault-tolerant --replicas 3 --hook int8    # torchft: survives dead replicas
+    python -m pyparallel.train --fault-tolerant --replicas 3 --algo diloco --sync-every 20 --compression int8
 
 Rank 0 shows a progress bar and ends with a summary: held-out loss and accuracy, samples/s, bytes sent per
 step. LocalSGD / DiLoCo evaluate the consensus model (the last synchronised anchor) after every epoch and,
