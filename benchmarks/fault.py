@@ -22,6 +22,13 @@ replica that finished.
     python benchmarks/fault.py                                   # int8 and top-k, 3 replicas
     python benchmarks/fault.py --hooks int8 --json fault.json --plot docs/fault_tolerance.png
     python benchmarks/fault.py --ranks-per-replica 2             # 3 replicas x 2 ranks (shared memory inside)
+    python benchmarks/fault.py --algo diloco --sync-every 20 --compressions int8   # rounds instead of steps
+
+With ``--algo localsgd | diloco`` (Note [Rounds under torchft], managed_local_sgd.py) a torchft step is a
+round of ``--sync-every`` inner steps: "steps", "all in", "rejoin" and the stall count rounds (the stall
+then includes one round's training; "median s" is the usual gap between two committed rounds), the
+killed replica dies in inner step ``--kill-at-step``, and the rows are the ``--compressions`` of the
+synchronisation instead of ``--hooks``.
 """
 
 from __future__ import annotations
@@ -33,12 +40,15 @@ import sys
 import time
 
 
-def run_once(args, hook: str, kill: bool) -> dict:
+def run_once(args, item: str, kill: bool) -> dict:
+    """One run; ``item`` is the hook (--algo ddp) or the synchronisation's compression (localsgd, diloco)."""
     from pyparallel import train, train_fault_tolerant
 
+    what = ["--hook", item] if args.algo == "ddp" else ["--algo", args.algo, "--sync-every", str(args.sync_every),
+                                                        "--compression", item]
     argv = ["--fault-tolerant", "--replicas", str(args.replicas), "--ranks-per-replica", str(args.ranks_per_replica),
-            "--min-replicas", str(args.min_replicas),
-            "--hook", hook, "--ratio", str(args.ratio), "--epochs", str(args.epochs), "--hidden", str(args.hidden),
+            "--min-replicas", str(args.min_replicas), *what,
+            "--ratio", str(args.ratio), "--epochs", str(args.epochs), "--hidden", str(args.hidden),
             "--transport", args.transport, "--timeout", str(args.timeout), "--threads", "1", "--no-progress",
             "--max-restarts", "3"]
     if kill:
@@ -49,7 +59,18 @@ def run_once(args, hook: str, kill: bool) -> dict:
     summary = train_fault_tolerant.launch(cfg)
     summary["wall_s"] = time.time() - t0
     summary["killed"] = kill
+    summary["median_gap_s"] = median_gap(summary["steps_log"])
     return summary
+
+
+def median_gap(log: list[dict]) -> float:
+    """The median wall-clock gap between two consecutive committed steps of one replica incarnation."""
+    by_life: dict = {}
+    for e in log:
+        if e["committed"]:
+            by_life.setdefault((e["replica"], e["incarnation"]), []).append(e["end"])
+    gaps = sorted(t1 - t0 for ends in by_life.values() for t0, t1 in zip(sorted(ends), sorted(ends)[1:]))
+    return gaps[len(gaps) // 2] if gaps else 0.0
 
 
 def plot(runs: list[dict], path: str, args) -> None:
@@ -84,17 +105,19 @@ def plot(runs: list[dict], path: str, args) -> None:
         for t, text in marks:
             steps_ax.axvline(t, color="k", ls=":", lw=1)
             steps_ax.annotate(text, (t, 0), rotation=90, va="bottom", ha="right", fontsize=8)
-        steps_ax.set(xlabel="seconds since the first step", ylabel="committed step",
-                     title=f"{run['hook']} hook: longest stall {run['longest_stall_s']:.2f} s, "
-                           f"accuracy {100 * run['test_accuracy']:.1f}%")
+        unit = "step" if run.get("algo", "ddp") == "ddp" else "round"
+        steps_ax.set(xlabel="seconds since the first step", ylabel=f"committed {unit}",
+                     title=f"{run['hook']}{' hook' if unit == 'step' else ''}: longest stall "
+                           f"{run['longest_stall_s']:.2f} s, accuracy {100 * run['test_accuracy']:.1f}%")
         steps_ax.grid(alpha=0.3)
         steps_ax.legend(fontsize=8)
         part = run["participants_per_step"]
         part_ax.step(range(len(part)), part, where="post")
-        part_ax.set(xlabel="step", ylabel="replicas", ylim=(0, run["replicas"] + 0.5))
+        part_ax.set(xlabel=unit, ylabel="replicas", ylim=(0, run["replicas"] + 0.5))
         part_ax.grid(alpha=0.3)
     per = f" of {args.ranks_per_replica} ranks" if args.ranks_per_replica > 1 else ""
-    fig.suptitle(f"{args.replicas} torchft replicas{per} on digits, one SIGKILLed in step {args.kill_at_step} "
+    inner = "" if args.algo == "ddp" else "inner "
+    fig.suptitle(f"{args.replicas} torchft replicas{per} on digits, one SIGKILLed in {inner}step {args.kill_at_step} "
                  f"(group timeout {args.timeout:g} s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -102,7 +125,12 @@ def plot(runs: list[dict], path: str, args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hooks", default="int8,topk", help="comma list of hooks")
+    p.add_argument("--hooks", default="int8,topk", help="comma list of hooks (--algo ddp)")
+    p.add_argument("--algo", choices=["ddp", "localsgd", "diloco"], default="ddp",
+                   help="ddp: a hook per step; localsgd / diloco: rounds of --sync-every inner steps")
+    p.add_argument("--sync-every", type=int, default=20, help="localsgd / diloco: inner steps per round")
+    p.add_argument("--compressions", default="int8",
+                   help="localsgd / diloco: comma list of the synchronisation's compressions (none, int8, topk)")
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--ranks-per-replica", type=int, default=1,
                    help="processes per replica (shared memory inside, the hook's compression across replicas)")
@@ -122,20 +150,29 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.transport is None:
         args.transport = "ring" if args.ranks_per_replica == 1 else "auto"
+    if args.algo != "ddp" and args.ranks_per_replica != 1:
+        p.error("--algo localsgd / diloco runs one rank per replica")
     if args.plot is None:
         args.plot = ("docs/fault_tolerance.png" if args.ranks_per_replica == 1 else
                      f"docs/fault_tolerance_{args.ranks_per_replica}ranks.png")
+        if args.algo != "ddp":
+            args.plot = f"docs/fault_tolerance_{args.algo}.png"
 
     runs = []
     each = "one rank each" if args.ranks_per_replica == 1 else f"{args.ranks_per_replica} ranks each"
     print(f"# {args.replicas} replicas (torchft, {each}, Gloo, --transport {args.transport}), digits, "
           f"{args.epochs} epochs, group timeout {args.timeout:g} s; replica {args.kill_replica}"
-          + (f" (local rank {args.kill_local_rank})" if args.ranks_per_replica > 1 else "") + " SIGKILLed in step "
-          f"{args.kill_at_step}, restarted by the launcher", flush=True)
-    print(f"# {'hook':<6} {'run':<13} {'steps':>5} {'all in':>6} {'rejoin':>6} {'stall s':>7} {'goal':>4} "
-          f"{'acc %':>6} {'d acc':>6} {'goal':>4} {'equal':>5} {'wall s':>6}", flush=True)
+          + (f" (local rank {args.kill_local_rank})" if args.ranks_per_replica > 1 else "")
+          + (" SIGKILLed in step " if args.algo == "ddp" else " SIGKILLed in inner step ")
+          + f"{args.kill_at_step}, restarted by the launcher"
+          + ("" if args.algo == "ddp" else f"; {args.algo}, rounds of {args.sync_every} inner steps (steps below are "
+                                           "rounds)"), flush=True)
+    width = 8 if args.algo == "ddp" else 20
+    print(f"# {'hook' if args.algo == 'ddp' else 'algorithm':<{width}} {'run':<13} {'steps':>5} {'all in':>6} "
+          f"{'rejoin':>6} {'stall s':>7} {'goal':>4} {'median s':>8} {'acc %':>6} {'d acc':>6} {'goal':>4} "
+          f"{'equal':>5} {'wall s':>6}", flush=True)
     failures = []
-    for hook in args.hooks.split(","):
+    for hook in (args.hooks if args.algo == "ddp" else args.compressions).split(","):
         base = None
         for kill in (False, True):
             run = run_once(args, hook, kill)
@@ -148,8 +185,9 @@ def main(argv=None) -> int:
             delta = 100 * (run["test_accuracy"] - base)
             acc_ok = abs(delta) <= 1.0
             finished = len(run["parameter_digests"]) == args.replicas * args.ranks_per_replica
-            print(f"  {hook:<6} {'killed+heal' if kill else 'uninterrupted':<13} {run['steps']:>5} {full:>6} "
-                  f"{rejoin:>6} {run['longest_stall_s']:>7.2f} {'ok' if stall_ok else 'MISS':>4} "
+            print(f"  {run['hook']:<{width}} {'killed+heal' if kill else 'uninterrupted':<13} {run['steps']:>5} "
+                  f"{full:>6} {rejoin:>6} {run['longest_stall_s']:>7.2f} {'ok' if stall_ok else 'MISS':>4} "
+                  f"{run['median_gap_s']:>8.2f} "
                   f"{100 * run['test_accuracy']:>6.2f} {delta:>+6.2f} {'ok' if acc_ok else 'MISS':>4} "
                   f"{'yes' if run['parameters_equal'] else 'NO':>5} {run['wall_s']:>6.1f}", flush=True)
             if not run["parameters_equal"]:

@@ -17,10 +17,12 @@ replica that (re)joins heals by fetching a live peer's state over HTTP. This mod
   (int8, top-k, ...) run on the quorum's current group; an error (a dead peer, a timeout) is reported
   to the manager, so the step is discarded instead of crashing the replica.
 * :class:`TrainingState`: what a healing replica receives from a live peer: the model, the optimizer,
-  the hook state (counters, iteration, warm-up progress, ...) and the user's extras. Error-feedback
-  residuals are per-replica memories of gradient that replica did not send, so a healed replica starts
-  with zero residuals rather than a copy of its donor's (a copy would send the donor's unsent gradient
-  twice); everything else is copied.
+  the hook state (counters, iteration, warm-up progress, PowerSGD's Qs and generator, ...) and the
+  user's extras. Error feedback (top-k's residuals, PowerSGD's errors) is a per-replica memory of
+  gradient that replica did not send, so a healed replica starts it at zero rather than with a copy of
+  its donor's (a copy would send the donor's unsent gradient twice); everything else is copied.
+* :class:`Optimizer`: torchft's optimizer wrapper, plus: the hook state of a discarded step is put back
+  as it was when the step began (Note [Discarded steps]).
 * :func:`make_manager`: a Manager with the settings this module relies on (synchronous quorum: a
   healing replica loads its donor's state before the step's forward pass and takes part in the step,
   so every replica runs the same hooks with the same hook state).
@@ -31,12 +33,13 @@ Example (one process per replica; ``torchft_lighthouse --min_replicas 1`` runnin
     training = fault_tolerance.TrainingState(net, inner_optimizer, hooks.Int8State())
     manager = fault_tolerance.make_manager(group, training, lighthouse=addr, replica_id="replica0")
     model = fault_tolerance.data_parallel(manager, group, net, hooks.int8_hook, training.hook_state)
-    optimizer = torchft.Optimizer(manager, inner_optimizer)
+    optimizer = fault_tolerance.Optimizer(manager, inner_optimizer, training)    # torchft's, + rollback
     while manager.current_step() < total_steps:
         optimizer.zero_grad()                 # quorum; reconfigures the group; heals this replica if behind
         rank, n = manager.participating_rank(), manager.num_participants()
         loss_fn(model(x[rank::n]), y[rank::n]).backward()
-        optimizer.step()                      # steps only if every replica's collectives succeeded
+        optimizer.step()                      # steps only if every replica's collectives succeeded, else
+                                              # puts the hook state back as it was before the step
 """
 
 # No `from __future__ import annotations`: DDP's register_comm_hook checks managed_hook's annotation objects.
@@ -48,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import comm
+from . import comm, hooks
 from . import transport as _transport
 from .data_parallel import DataParallel
 from .reference import shm_regions
@@ -298,6 +301,8 @@ def data_parallel(manager: torchft.Manager, group: ManagedGroup, module: nn.Modu
             the same on a healed replica as on its peers).
     """
     state = ManagedHookState(manager, group, hook, hook_state)
+    if isinstance(hook_state, hooks.HookState) and not hook_state.model_registered:
+        hook_state.register_model(module)  # per-parameter state keyed by name (Note [Hook state keyed by parameter])
     if wrapper == "pyparallel":
         if not dist.is_initialized():
             raise RuntimeError("fault_tolerance.data_parallel: initialize this replica's own process group first (its "
@@ -316,6 +321,13 @@ def data_parallel(manager: torchft.Manager, group: ManagedGroup, module: nn.Modu
     raise ValueError(f"fault_tolerance.data_parallel: wrapper must be 'pyparallel' or 'torch', got {wrapper!r}")
 
 
+def detached_copy(tree):
+    """``tree`` (dicts, lists, tuples) with every tensor replaced by a detached copy."""
+    from torch.utils._pytree import tree_map_only
+
+    return tree_map_only(torch.Tensor, lambda t: t.detach().clone(), tree)
+
+
 class TrainingState:
     """Everything a healing replica needs from a live peer: registered with the manager by
     :func:`make_manager`, sent by a donor at quorum time and loaded by the healing replica before its
@@ -325,8 +337,9 @@ class TrainingState:
         module: the model.
         optimizer: the inner optimizer (not torchft's wrapper).
         hook_state: the communication hook's state (:mod:`pyparallel.hooks`); its ``state_dict()`` is
-            copied, except error-feedback residuals (attributes named ``residuals``), which a healed
-            replica starts at zero: they hold the gradient its own earlier steps did not send.
+            copied (top-k's iteration, PowerSGD's Qs, iteration and generator, counters), then the healed
+            replica forgets the error feedback (``reset_error_feedback()``: top-k's residuals, PowerSGD's
+            errors): it holds gradient that this replica's own earlier steps did not send.
         extra: optional ``(state_dict, load_state_dict)`` pair for anything else (data position, RNG).
     """
 
@@ -335,12 +348,14 @@ class TrainingState:
         self.heals = 0
 
     def state_dict(self) -> dict:
+        """A copy (:func:`detached_copy`): torchft serves a donor's state from memory while the donor goes
+        on (with LocalSGD / DiLoCo, through a whole round before its next should_commit)."""
         out = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.hook_state is not None:
             out["hook"] = self.hook_state.state_dict()
         if self.extra is not None:
             out["extra"] = self.extra[0]()
-        return out
+        return detached_copy(out)
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
@@ -349,13 +364,74 @@ class TrainingState:
             if "hook" not in state:
                 raise ValueError("TrainingState: the donor sent no hook state, but this replica has one")
             self.hook_state.load_state_dict(state["hook"])
-            residuals = getattr(self.hook_state, "residuals", None)
-            if isinstance(residuals, dict):
-                for r in residuals.values():
-                    r.zero_()
+        for part in (self.optimizer, self.hook_state):  # the hook's, and DiLoCo's / LocalSGD's top-k residual
+            reset = getattr(part, "reset_error_feedback", None)
+            if reset is not None:
+                reset()
         if self.extra is not None:
             self.extra[1](state["extra"])
         self.heals += 1
+
+    def hook_snapshot(self):
+        """The hook state now (a copy), for :meth:`restore_hook` if the step is discarded."""
+        return None if self.hook_state is None else self.hook_state.state_dict()
+
+    def restore_hook(self, snapshot) -> None:
+        """Puts the hook state back to ``snapshot`` (Note [Discarded steps]); ``bytes_sent`` keeps counting:
+        the discarded step's bytes did go on the wire."""
+        if snapshot is None:
+            return
+        sent = getattr(self.hook_state, "bytes_sent", None)
+        self.hook_state.load_state_dict(snapshot)
+        if sent is not None:
+            self.hook_state.bytes_sent = sent
+
+
+# Note [Discarded steps]
+# torchft discards a step in which a collective failed on some replica (should_commit is False): the
+# optimizer does not step. The hook state has moved on by then: top-k's residual took in this step's
+# unsent gradient and its iteration advanced, PowerSGD's errors, Qs, iteration and generator changed
+# (and after a failure between its two all-reduces, its Qs are this replica's own partial values). Left
+# so, the retried step starts from another state than the step it replaces, and the replicas' Qs may
+# differ. Optimizer keeps a copy of the hook state from the start of every step (after the quorum, so
+# after any heal) and puts it back when the step is discarded: a discarded step leaves no trace but the
+# bytes it sent. The price is one copy of the hook state per step (state_dict(): for top-k and PowerSGD
+# a copy of their error feedback, the size of the model; for int8 two counters).
+
+class Optimizer(torchft.Optimizer):
+    """torchft's optimizer wrapper (``zero_grad()`` starts the step's quorum, which heals this replica if
+    it is behind; ``step()`` steps the inner optimizer only if ``manager.should_commit()``) that also
+    rolls the hook state back when the step is discarded (Note [Discarded steps]).
+
+    Args:
+        manager: the replica's :class:`torchft.Manager`.
+        optim: the inner optimizer.
+        training: the :class:`TrainingState` registered with the manager (its ``hook_state`` is rolled back).
+
+    ``committed``: whether the last ``step()`` committed.
+    """
+
+    def __init__(self, manager: torchft.Manager, optim: torch.optim.Optimizer, training: TrainingState):
+        if not isinstance(training, TrainingState):
+            raise TypeError(f"fault_tolerance.Optimizer: training must be a TrainingState, got {type(training).__name__}")
+        super().__init__(manager, optim)
+        self.training = training
+        self.committed: bool | None = None
+        self._snapshot = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)  # the quorum; a heal loads the donor's hook state before the copy
+        self._snapshot = self.training.hook_snapshot()
+
+    def step(self, closure=None) -> None:
+        if closure is not None:
+            raise ValueError("fault_tolerance.Optimizer: closures are not supported (torchft's wrapper neither)")
+        self.committed = self.manager.should_commit()
+        if self.committed:
+            self.optim.step()
+        else:
+            self.training.restore_hook(self._snapshot)
+        self._snapshot = None
 
 
 def make_manager(group: ManagedGroup, training: TrainingState, *, lighthouse: str, replica_id: str,
@@ -423,3 +499,7 @@ def start_lighthouse(min_replicas: int = 1, bind: str = "[::]:0", join_timeout_m
 
     return LighthouseServer(bind=bind, min_replicas=min_replicas, join_timeout_ms=join_timeout_ms,
                             heartbeat_timeout_ms=heartbeat_timeout_ms)
+
+
+# LocalSGD / DiLoCo rounds on torchft live in their own module (they need ManagedGroup, defined above).
+from .managed_local_sgd import ManagedDiLoCo, ManagedLocalSGD  # noqa: E402,F401

@@ -107,6 +107,12 @@ class HookState:
     def _count(self, sent: int) -> None:
         self.bytes_sent += sent
 
+    def reset_error_feedback(self) -> None:
+        """Forgets what error feedback remembered (nothing for a hook without it). A replica that heals
+        from a live peer calls it after loading the peer's state (pyparallel.fault_tolerance): the
+        remembered error is gradient that this replica did not send, and a copy of the peer's would send
+        the peer's twice."""
+
     def state_dict(self) -> dict:
         return {"bytes_sent": self.bytes_sent, "buckets_reduced": self.buckets_reduced}
 
@@ -207,6 +213,11 @@ class TopkState(HookState):
                 del self._flat[names]
             self._flat[layout.names] = flat
         return flat
+
+    def reset_error_feedback(self) -> None:
+        """Zeroes every residual (HookState.reset_error_feedback)."""
+        for r in self.residuals.values():
+            r.zero_()
 
     def residual_of(self, param: torch.Tensor) -> torch.Tensor | None:
         """The residual (1-D) of ``param``, or None if none was made yet."""

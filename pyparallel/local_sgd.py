@@ -183,7 +183,6 @@ class _PeriodicSync(torch.optim.Optimizer):
         self.transport = check_transport(transport, who)
         self.compression = self._parse_compression(compression, who)
         self.model, self.optim = model, optimizer
-        self.param_groups = optimizer.param_groups
         self.defaults = optimizer.defaults
         self.process_group = process_group
         self.sync_every, self.overlap, self.num_fragments = sync_every, bool(overlap), fragments
@@ -227,6 +226,12 @@ class _PeriodicSync(torch.optim.Optimizer):
     @property
     def state(self):  # type: ignore[override]
         return self.optim.state
+
+    @property
+    def param_groups(self):  # type: ignore[override]
+        # The inner optimizer's, read each time: its load_state_dict() replaces the list (a resume, a heal
+        # under torchft, a discarded round), and an LR scheduler must keep reaching the live one.
+        return self.optim.param_groups
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(sync_every={self.sync_every}, compression={self.compression}, "
@@ -290,13 +295,21 @@ class _PeriodicSync(torch.optim.Optimizer):
 
     # ---- synchronisation ----
 
-    def _launch(self, flats: list[_Flat], b: int) -> list[torch.futures.Future]:
+    def _fill(self, frag: _Fragment, b: int) -> None:
+        """Buffer ``b`` of the fragment's flats: the round's progress start - theta (start is the anchor
+        without overlap), or the parameters themselves (exact LocalSGD)."""
+        for flat in frag.flats:
+            ops.bucket_flatten(flat.params, flat.buffers[b])
+            if self._deltas:
+                torch.sub(flat.start, flat.buffers[b], out=flat.buffers[b])
+
+    def _launch(self, flats: list[_Flat], b: int, op: str = "avg") -> list[torch.futures.Future]:
         futures = []
         for flat in flats:
             compression = self.compression
             if isinstance(compression, comm.Topk):
                 compression = comm.Topk(ratio=compression.ratio, k=compression.k, residual=flat.residual)
-            futures.append(comm.submit(flat.buffers[b], self.process_group, "avg", compression, self.transport,
+            futures.append(comm.submit(flat.buffers[b], self.process_group, op, compression, self.transport,
                                        on_bytes=self._count))
         return futures
 
@@ -319,10 +332,7 @@ class _PeriodicSync(torch.optim.Optimizer):
         self.rounds += 1
         frag.since = 0
         b = frag.next_buffer
-        for flat in frag.flats:
-            ops.bucket_flatten(flat.params, flat.buffers[b])
-            if self._deltas:  # the round's progress: start - theta (start is the anchor without overlap)
-                torch.sub(flat.start, flat.buffers[b], out=flat.buffers[b])
+        self._fill(frag, b)
         futures = self._launch(frag.flats, b)
         if not self.overlap:
             self._wait(frag, (futures, b))
@@ -425,6 +435,19 @@ class _PeriodicSync(torch.optim.Optimizer):
                 "fragments": fragments}
 
     def load_state_dict(self, state: dict) -> None:  # type: ignore[override]
+        self._check_loadable(state)
+        self.optim.load_state_dict(state["inner"])
+        self._load_sync_state(state)
+
+    def reset_error_feedback(self) -> None:
+        """Zeroes the top-k residuals (a replica that heals from a live peer under torchft: what its own
+        rounds did not send is no one else's, see pyparallel.fault_tolerance)."""
+        for flat in (flat for frag in self._fragments for flat in frag.flats):
+            if flat.residual is not None:
+                flat.residual.zero_()
+
+    def _check_loadable(self, state: dict) -> None:
+        """Raises, before anything is changed, if ``state`` is not a state_dict() of this configuration."""
         who = type(self).__name__
         if not isinstance(state, dict) or "config" not in state:
             raise ValueError(f"{who}.load_state_dict: not a state_dict of LocalSGD / DiLoCo")
@@ -438,7 +461,9 @@ class _PeriodicSync(torch.optim.Optimizer):
             if saved["pending"] is not None:
                 self._check_like(saved["pending"], [flat.anchor for flat in frag.flats],
                                  f"{who}.load_state_dict: pending")
-        self.optim.load_state_dict(state["inner"])
+
+    def _load_sync_state(self, state: dict) -> None:
+        """Everything of a checked ``state`` but the inner optimizer."""
         with torch.no_grad():
             for frag, saved in zip(self._fragments, state["fragments"]):
                 if frag.pending is not None:  # ours in flight: it must finish before its buffer is reused

@@ -255,6 +255,15 @@ class PowerSGDState(hooks.HookState):
         self._bucket_layouts[keys] = layout
         return layout
 
+    def reset_error_feedback(self) -> None:
+        """Forgets every parameter's error (HookState.reset_error_feedback): the next iteration adds none,
+        as in a fresh state. The Qs, the iteration and the generator are kept: every rank must use the
+        same ones (a Q is the all-reduced result of the last iteration, the same on every rank)."""
+        self._error_of = {}
+        for layout in self._bucket_layouts.values():
+            layout.has_error = False
+            layout.error.zero_()
+
     def _remember_errors(self, layout: _Layout) -> None:
         layout.has_error = True
         for key, view in zip(layout.keys, layout.errors):

@@ -13,6 +13,7 @@ ranks on this machine:
     python -m pyparallel.train --nproc 2 --task charlm --algo localsgd --sync-every 10 --transport ring
     torchrun --nproc_per_node 2 --max-restarts 2 -m pyparallel.train --checkpoint-dir ckpt --checkpoint-every 50
     python -m pyparallel.train --fault-tolerant --replicas 3 --hook int8    # torchft: survives dead replicas
+    python -m pyparallel.train --fault-tolerant --replicas 3 --algo diloco --sync-every 20 --compression int8
 
 Rank 0 shows a progress bar and ends with a summary: held-out loss and accuracy, samples/s, bytes sent per
 step. LocalSGD / DiLoCo evaluate the consensus model (the last synchronised anchor) after every epoch and,
@@ -451,8 +452,8 @@ def main(argv=None) -> None:
                  args.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         args.threads = max(1, (os.cpu_count() or 1) // world)
     if args.fault_tolerant:
-        if args.task != "digits" or args.algo != "ddp":
-            p.error("--fault-tolerant trains the digits task with --algo ddp (a hook per step) for now")
+        if args.task != "digits":
+            p.error("--fault-tolerant trains the digits task for now")
         resolve_defaults(args)
         train_fault_tolerant.main(args)
         return

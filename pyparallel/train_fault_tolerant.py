@@ -14,6 +14,12 @@ replica takes over from its donor) reads the s-th global batch of ``--batch-size
 samples; the n x L ranks of the step's quorum split it, so the data schedule does not depend on who is
 alive, and training ends after the same number of steps however many replicas died on the way.
 
+With ``--algo localsgd | diloco`` (one rank per replica, no --overlap, one fragment) a torchft step is a
+round of ``--sync-every`` H inner steps (Note [Rounds under torchft], managed_local_sgd.py): the quorum
+comes before the round, inner step j of round r reads global batch r H + j, split among the round's
+quorum, and the round ends with the synchronisation, committed or discarded (then retried). The step
+log, the participants and the stall then count rounds; ``--kill-at-step`` still names an inner step.
+
 With L > 1 the replica's ranks form a Gloo group of their own (their store hosted by local rank 0, one
 per incarnation) on which the shared-memory transport runs; each local rank has a torchft manager, and
 the gradients are summed exactly inside the replica and reduced with the hook's compression across
@@ -58,7 +64,8 @@ def add_arguments(p) -> None:
     g.add_argument("--log-dir", metavar="DIR",
                    help="replica logs, step logs and final parameters (default: a new directory under /tmp)")
     g.add_argument("--kill-at-step", type=int, default=None,
-                   help="fault injection: SIGKILL a replica (or a rank, first incarnation only) in this step")
+                   help="fault injection: SIGKILL a replica (or a rank, first incarnation only) in this step "
+                        "(localsgd / diloco: this inner step)")
     g.add_argument("--kill-replica", "--kill-rank", dest="kill_replica", type=int, default=0,
                    help="fault injection: the replica (--fault-tolerant) or rank (torchrun) to kill")
     g.add_argument("--kill-local-rank", type=int, default=0,
@@ -84,6 +91,16 @@ def check_arguments(args) -> None:
         raise SystemExit(f"pyparallel.train: --max-restarts must be >= 0, got {args.max_restarts}")
     if args.kill_at_step is not None and not 0 <= args.kill_replica < args.replicas:
         raise SystemExit(f"pyparallel.train: --kill-replica must be in [0, {args.replicas}), got {args.kill_replica}")
+    if args.algo != "ddp":  # Note [Rounds under torchft] (managed_local_sgd.py)
+        if args.overlap:
+            raise SystemExit(f"pyparallel.train: --fault-tolerant --algo {args.algo} does not support --overlap (a "
+                             "reduction in flight across a round would outlive the quorum it was launched on)")
+        if args.fragments != 1:
+            raise SystemExit(f"pyparallel.train: --fault-tolerant --algo {args.algo} needs --fragments 1 (each "
+                             "fragment's synchronisation would be a torchft step of its own)")
+        if args.ranks_per_replica != 1:
+            raise SystemExit(f"pyparallel.train: --fault-tolerant --algo {args.algo} runs one rank per replica "
+                             "(--ranks-per-replica 1)")
 
 
 # ---- launcher ----
@@ -286,7 +303,8 @@ def collect(run_dir: str, replicas: list[_Replica], seconds: float) -> dict:
     first = finals[min(finals)]
     return {
         "replicas": len(replicas), "ranks_per_replica": replicas[0].args.ranks_per_replica,
-        "hook": first["hook"], "steps": first["steps"],
+        "hook": first["hook"], "algo": first.get("algo", "ddp"), "sync_every": first.get("sync_every", 1),
+        "steps": first["steps"],
         "test_accuracy": first["test_accuracy"],
         "test_accuracy_by_replica": {i: f["test_accuracy"] for i, f in finals.items()},
         # Over every rank of every replica that finished.
@@ -306,9 +324,10 @@ def summary_text(s: dict) -> str:
     n = s["participants_per_step"]
     full = sum(1 for p in n if p == s["replicas"])
     per = s.get("ranks_per_replica", 1)
+    steps = (f"{s['hook']} hook, {s['steps']} steps" if s.get("algo", "ddp") == "ddp" else
+             f"{s['hook']}, {s['steps']} rounds of {s['sync_every']} inner steps (a step below is a round)")
     return (f"pyparallel.train: fault-tolerant, {s['replicas']} replicas"
-            + (f" of {per} ranks" if per > 1 else "") + f", {s['hook']} hook, {s['steps']} steps "
-            f"in {s['seconds']:.1f} s\n"
+            + (f" of {per} ranks" if per > 1 else "") + f", {steps} in {s['seconds']:.1f} s\n"
             f"  test accuracy      {100 * s['test_accuracy']:.2f}% (replica 0), parameters equal on every "
             f"finished {'rank' if per > 1 else 'replica'}: {s['parameters_equal']}\n"
             f"  participants       {full} of {len(n)} steps with all {s['replicas']}, fewest {min(n) if n else 0}\n"
@@ -372,9 +391,8 @@ def _note(msg: str) -> None:
 
 
 def replica_main(args) -> None:
-    """One replica process: trains until the committed step count reaches the run's total."""
-    import torchft
-
+    """One replica process: trains until the committed step count (with --algo localsgd / diloco: the
+    committed round count) reaches the run's total."""
     from . import fault_tolerance as ft
     from .train import HOOKS, evaluate, load_digits_split, make_model, parameter_digest
 
@@ -393,34 +411,83 @@ def replica_main(args) -> None:
     dist.init_process_group("gloo", store=dist.PrefixStore("replica", store), rank=local_rank, world_size=local_size,
                             timeout=replica_timeout)
 
-    x_train, y_train, x_test, y_test = load_digits_split(args.seed)
+    data = load_digits_split(args.seed)
     model = make_model(args.hidden, args.layers, args.seed)
-    hook, make_state = HOOKS[args.hook]
-    hook_state = make_state(args)
+    periodic = args.algo != "ddp"
+    hook_state = None
+    if not periodic:
+        hook, make_state = HOOKS[args.hook]
+        hook_state = make_state(args)
     inner = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     training = ft.TrainingState(model, inner, hook_state)
     group = ft.ManagedGroup(timeout=timeout, replica_group=dist.group.WORLD if local_size > 1 else None)
     manager = ft.make_manager(group, training, lighthouse=args.lighthouse, replica_id=f"replica{index}",
                               min_replicas=args.min_replicas, timeout=timeout, store=store,
                               rank=local_rank, world_size=local_size)
-    wrapped = ft.data_parallel(manager, group, model, hook, hook_state, wrapper=args.ddp,
-                               bucket_cap_mb=args.bucket_cap_mb)
-    optimizer = torchft.Optimizer(manager, inner)
+    if periodic:
+        train = _rounds(args, manager, group, model, inner, training, data)
+    else:
+        wrapped = ft.data_parallel(manager, group, model, hook, hook_state, wrapper=args.ddp,
+                                   bucket_cap_mb=args.bucket_cap_mb)
+        optimizer = ft.Optimizer(manager, inner, training)  # torchft's wrapper; rolls back a discarded step's hook state
+        train = _steps(args, manager, wrapped, optimizer, training, data)
     _note("manager up")
+    if incarnation == 0:
+        _wait_for_peers(run_dir, index if local_rank == 0 else None, args.replicas, args.timeout)
+    with open(_rank_file(run_dir, index, local_rank, "steps.jsonl"), "a") as log:
+        train(log)
+    accuracy = evaluate(model, data[2], data[3], torch.device("cpu"))
+    digest = parameter_digest(model)
+    with open(_rank_file(run_dir, index, local_rank, "final.json"), "w") as f:
+        json.dump({"hook": describe(args), "algo": args.algo, "sync_every": args.sync_every if periodic else 1,
+                   "steps": manager.current_step(), "test_accuracy": accuracy,
+                   "heals": training.heals, "incarnation": incarnation, "parameter_digest": digest,
+                   "group_generations": group.generations}, f)
+    torch.save([p.detach().clone() for p in model.parameters()], _rank_file(run_dir, index, local_rank, "params.pt"))
+    manager.shutdown(wait=False)
+    group.shutdown()
+    dist.destroy_process_group()
 
-    global_batch = args.batch_size * args.replicas * local_size
+
+def describe(args) -> str:
+    """The hook (--algo ddp) or the periodic algorithm with its H and compression."""
+    if args.algo == "ddp":
+        return args.hook
+    return f"{args.algo} H={args.sync_every}" + (f" {args.compression}" if args.compression != "none" else "")
+
+
+def _schedule(args, x_train):
+    """(total steps, batch(step) -> the step's global batch indices). Step s reads the s-th global batch of
+    --batch-size x --replicas x L samples, whoever is alive."""
+    global_batch = args.batch_size * args.replicas * args.ranks_per_replica
     steps_per_epoch = len(x_train) // global_batch
     total = args.epochs * steps_per_epoch
     if args.max_steps is not None:
         total = min(total, args.max_steps)
+
+    def batch(step: int) -> torch.Tensor:
+        epoch, s = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        return perm[s * global_batch:(s + 1) * global_batch]
+
+    return total, batch
+
+
+def _kill_if_asked(args, step: int) -> None:
+    if (args.kill_at_step == step and args.kill_replica == args.ft_replica_index and args.ft_incarnation == 0
+            and args.kill_local_rank == args.ft_local_rank):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _steps(args, manager, wrapped, optimizer, training, data):
+    """--algo ddp: one torchft step per training step, the hook reducing gradients on the quorum's group."""
+    x_train, y_train = data[0], data[1]
+    total, batch = _schedule(args, x_train)
+    local_rank, local_size = args.ft_local_rank, args.ranks_per_replica
     loss_fn = nn.CrossEntropyLoss()
-    if incarnation == 0:
-        if local_rank == 0:
-            _wait_for_peers(run_dir, index, args.replicas, args.timeout)
-        else:
-            _wait_for_peers(run_dir, None, args.replicas, args.timeout)
-    stepped = False
-    with open(_rank_file(run_dir, index, local_rank, "steps.jsonl"), "a") as log:
+
+    def train(log) -> None:
+        stepped = False
         while manager.current_step() < total:
             start = time.time()
             optimizer.zero_grad(set_to_none=True)  # quorum: reconfigures the group, heals if behind
@@ -431,31 +498,67 @@ def replica_main(args) -> None:
                 _note(f"first quorum: step {step}, {manager.num_participants()} replicas, heals {training.heals}")
                 stepped = True
             rank, n = manager.participating_rank(), manager.num_participants()
-            epoch, s = divmod(step, steps_per_epoch)
-            perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
             # The quorum's n replicas x L ranks split the global batch: rank l of replica r takes r L + l.
-            idx = perm[s * global_batch:(s + 1) * global_batch][rank * local_size + local_rank::n * local_size]
+            idx = batch(step)[rank * local_size + local_rank::n * local_size]
             loss = loss_fn(wrapped(x_train[idx]), y_train[idx])
-            if (args.kill_at_step == step and args.kill_replica == index and incarnation == 0
-                    and args.kill_local_rank == local_rank):
-                os.kill(os.getpid(), signal.SIGKILL)
+            _kill_if_asked(args, step)
             loss.backward()
             optimizer.step()  # only if every replica of the quorum succeeded
-            committed = manager.current_step() > step
-            log.write(json.dumps({"incarnation": incarnation, "step": step, "committed": committed,
-                                  "participants": n, "rank": rank, "quorum": manager._quorum_id,
-                                  "loss": loss.item(), "start": start, "end": time.time()}) + "\n")
-            log.flush()
-    accuracy = evaluate(model, x_test, y_test, torch.device("cpu"))
-    digest = parameter_digest(model)
-    with open(_rank_file(run_dir, index, local_rank, "final.json"), "w") as f:
-        json.dump({"hook": args.hook, "steps": manager.current_step(), "test_accuracy": accuracy,
-                   "heals": training.heals, "incarnation": incarnation, "parameter_digest": digest,
-                   "group_generations": group.generations}, f)
-    torch.save([p.detach().clone() for p in model.parameters()], _rank_file(run_dir, index, local_rank, "params.pt"))
-    manager.shutdown(wait=False)
-    group.shutdown()
-    dist.destroy_process_group()
+            _log(log, args, manager, step, manager.current_step() > step, n, rank, loss.item(), start)
+
+    return train
+
+
+def _rounds(args, manager, group, model, inner, training, data):
+    """--algo localsgd / diloco: one torchft step per round of --sync-every inner steps (Note [Rounds under
+    torchft], managed_local_sgd.py). Inner step j of round r reads global batch r H + j, split among the
+    round's quorum; the run is total // H rounds (the tail of fewer than H steps is not trained)."""
+    from . import fault_tolerance as ft
+    from .comm import Int8, Topk
+    from .local_sgd import outer_sgd
+
+    x_train, y_train = data[0], data[1]
+    total, batch = _schedule(args, x_train)
+    h = args.sync_every
+    rounds = max(1, total // h)
+    compression = {"none": None, "int8": Int8(block_size=args.block_size), "topk": Topk(ratio=args.ratio)}[
+        args.compression]
+    common = dict(compression=compression, transport=args.transport)
+    if args.algo == "diloco":
+        algo = ft.ManagedDiLoCo(manager, group, model, inner, h,
+                                outer_optimizer=outer_sgd(args.outer_lr, args.outer_momentum), **common)
+    else:
+        algo = ft.ManagedLocalSGD(manager, group, model, inner, h, **common)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def train(log) -> None:
+        started = False
+        while manager.current_step() < rounds:
+            start = time.time()
+            r = algo.start_round()  # quorum: reconfigures the group, heals if behind
+            if r >= rounds:  # healed to the end: the peers finished meanwhile
+                break
+            if not started:
+                _note(f"first quorum: round {r}, {manager.num_participants()} replicas, heals {training.heals}")
+                started = True
+            rank, n = manager.participating_rank(), manager.num_participants()
+            for j in range(h):
+                idx = batch(r * h + j)[rank::n]
+                algo.zero_grad()
+                loss = loss_fn(model(x_train[idx]), y_train[idx])
+                _kill_if_asked(args, r * h + j)
+                loss.backward()
+                algo.step()  # the H-th synchronises: committed, or discarded and retried
+            _log(log, args, manager, r, algo.last_round_committed, n, rank, loss.item(), start)
+
+    return train
+
+
+def _log(log, args, manager, step, committed, n, rank, loss, start) -> None:
+    log.write(json.dumps({"incarnation": args.ft_incarnation, "step": step, "committed": committed,
+                          "participants": n, "rank": rank, "quorum": manager._quorum_id, "loss": loss,
+                          "start": start, "end": time.time()}) + "\n")
+    log.flush()
 
 
 def main(args) -> None:

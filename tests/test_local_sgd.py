@@ -317,6 +317,9 @@ def _bad_inputs():
     opt.step()
     sched.step()
     assert inner.param_groups[0]["lr"] == 0.05
+    opt.load_state_dict(opt.state_dict())  # the inner optimizer's load replaces its param_groups list
+    sched.step()
+    assert inner.param_groups[0]["lr"] == 0.025  # the scheduler still reaches the live one
     return messages
 
 
