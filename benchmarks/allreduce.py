@@ -12,9 +12,9 @@ Hosts: ``--hosts H`` spreads the ranks evenly over H emulated hosts (launch.py: 
 and PYPARALLEL_HOST); with ``--link-gbit G`` each host is a network namespace with one G Gbit/s link
 (netns.py). Default: all ranks on one host on loopback, one host per rank with ``--link-gbit``.
 
-Rows per size, as nccl-tests: the time per call of the slowest rank (median of ``--rounds`` rounds of
-``--iters`` back-to-back calls; rounds of the variants interleaved, so a busy machine's drift hits all
-alike; the tensor is reset to the input before each round, outside the timing, so sums never overflow),
+Rows per size, as nccl-tests: the time per call (median of ``--rounds`` rounds of ``--iters``
+back-to-back calls, a round timed from the first rank's start to the last rank's end; rounds of the
+variants interleaved, so a busy machine's drift hits all alike; the tensor is reset to the input before each round, outside the timing, so sums never overflow),
 algbw = size / time (size: the fp32 tensor's bytes, so compressed variants show their effective
 bandwidth), busbw = algbw * 2(n-1)/n, ``vs gloo`` = Gloo's time / this time, and ``%bound``:
 
@@ -314,7 +314,7 @@ def worker(args) -> int:
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     say(f"# {machine()}")
     say(f"# ranks {n} = {hosts} host(s) x {per_host}, link {link}, torch threads per rank {args.threads}, "
-        f"median of {args.rounds} rounds x {args.iters} calls, slowest rank")
+        f"median of {args.rounds} rounds x {args.iters} calls, first start to last end")
     if skipped:
         say(f"# SKIPPED {', '.join(skipped)}: this pyparallel.all_reduce has no transport= argument")
     if measure_memcpy:
@@ -328,7 +328,7 @@ def worker(args) -> int:
         say(f"# {'size':>10} {'count':>10} {'type':>6} {'redop':>5} {'variant':>9} {'time(us)':>11} "
             f"{'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'#wrong':>7} {'vs gloo':>8} {'%bound':>9}")
     else:
-        say("# latency: median time per call (us) of the slowest rank; (x) = Gloo's time / this time")
+        say("# latency: median time per call (us), first start to last end; (x) = Gloo's time / this time")
         say(f"# {'size':>8} {'count':>8} " + " ".join(f"{v:>17}" for v in names) + f" {'#wrong':>7}")
     for size in sizes(args):
         count = size // 4
@@ -355,8 +355,13 @@ def worker(args) -> int:
         ref = None  # the references are no longer needed: free their memory before timing
         # As nccl-tests: back-to-back calls, time per call averaged over a round; the rounds of the
         # variants alternate and the median round is reported.
+        # A round lasts from the first rank's start to the last rank's end (perf_counter is CLOCK_MONOTONIC,
+        # one clock for every process of a host, and emulated hosts share the kernel): with more ranks than
+        # cores, a rank that waits for a core starts its clock late, and its own duration alone would
+        # time the memcpy of 4 ranks on 2 cores as if each had a core of its own.
         order = list(variants) + (["memcpy"] if measure_memcpy else [])
-        times = torch.empty(len(order), args.rounds, dtype=torch.float64)
+        starts = torch.empty(len(order), args.rounds, dtype=torch.float64)
+        ends = torch.empty_like(starts)
         for rnd in range(args.rounds):
             for v, name in enumerate(order):
                 if name == "memcpy":
@@ -365,11 +370,13 @@ def worker(args) -> int:
                     run, t = variants[name].run, tensors[name]
                     variants[name].reset(t, xs[rank])
                 dist.barrier()
-                t0 = time.perf_counter()
+                starts[v, rnd] = time.perf_counter()
                 for _ in range(args.iters):
                     run(t)
-                times[v, rnd] = (time.perf_counter() - t0) / args.iters
-        dist.all_reduce(times, op=dist.ReduceOp.MAX)  # per round, the slowest rank
+                ends[v, rnd] = time.perf_counter()
+        dist.all_reduce(starts, op=dist.ReduceOp.MIN)
+        dist.all_reduce(ends, op=dist.ReduceOp.MAX)
+        times = (ends - starts) / args.iters
         counts = torch.tensor([wrongs[v] for v in variants], dtype=torch.float64)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         med = {name: times[v].median().item() for v, name in enumerate(order)}
