@@ -530,9 +530,12 @@ def _replica_group_case(seed):
     out = {"rank": group.rank(), "size": group.size()}
     for numel in (1001, 17, 0, 40000):
         for name, kw in {"dense": {}, "int8": dict(compression="int8"), "avg": dict(op="avg"),
-                         "int8_avg": dict(compression="int8", op="avg"), "topk": {"k": 30}}.items():
+                         "int8_avg": dict(compression="int8", op="avg"), "topk": {"k": 30},
+                         "dense_fp16": {}, "avg_bf16": dict(op="avg"), "int8_bf16": dict(compression="int8"),
+                         }.items():
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name.rsplit("_", 1)[-1], torch.float32)
             gen = torch.Generator().manual_seed(seed + numel)
-            inputs = [torch.randn(numel, generator=gen) for _ in range(4)]
+            inputs = [torch.randn(numel, generator=gen).to(dtype) for _ in range(4)]
             residuals = [torch.randn(numel, generator=gen) * 0.1 for _ in range(4)]
             x = inputs[rank].clone()
             if name == "topk":
@@ -551,14 +554,23 @@ def _replica_group_case(seed):
             out[(name, numel, "digest")] = x.sum().item() if numel else 0.0
             # The C++ hierarchical op, given this replica's shared memory and the cross group by name (one
             # piece), computes the same bits: ReplicaGroup differs from it only on the failure path.
-            code, param = {"dense": (0, 0), "avg": (0, 0), "int8": (1, 256), "int8_avg": (1, 256),
-                           "topk": (2, min(numel, 30))}[name]
+            code, param = (2, min(numel, 30)) if name == "topk" else (1, 256) if "compression" in kw else (0, 0)
             y = inputs[rank].clone()
             r = residuals[rank].clone() if name == "topk" else None
             torch.ops.pyparallel.hierarchical_all_reduce_(
                 y, transport.resources(group.replica).shared_memory(), group.cross.group_name, 4,
                 kw.get("op") == "avg", code, param, r, 0)
             out[(name, numel, "c++ op")] = bool(torch.equal(x, y))
+    # PowerSGD with the ReplicaGroup as its group (sums of P and Q through it) equals PowerSGD on the flat
+    # group of the 4 ranks up to summation order, and gives the same bits on every rank.
+    for which, g, how in (("replicas", group, "auto"), ("flat", dist.group.WORLD, "ring")):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.ReLU(), torch.nn.Linear(12, 5))
+        state = hooks.PowerSGDState(g, how, matrix_approximation_rank=2, start_powerSGD_iter=1).register_model(net)
+        params = list(net.parameters())
+        for step in range(3):  # the first step is exact, then compressed with error feedback
+            grads = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(10 * step + rank))
+            out[("powersgd", which, step)] = hooks.powersgd_hook(state, Bucket(0, grads, params, is_last=True)).wait()
     # A cross-replica step that fails for local rank 0 only (its two ranks disagree on the int8 block size,
     # which the header check catches): every rank of both replicas raises, and the next all-reduce works
     # (the shared memory stays in step).
@@ -582,6 +594,11 @@ def test_replica_group_is_the_hierarchical_all_reduce_with_replicas_for_hosts(di
 
     results = dist_pool(4).run(_replica_group_case, random.randrange(2**20), timeout=180)
     assert [r["rank"] for r in results] == [0, 1, 2, 3] and all(r["size"] == 4 for r in results)
+    for step in range(3):
+        mine = [r.pop(("powersgd", "replicas", step)) for r in results]
+        flat = [r.pop(("powersgd", "flat", step)) for r in results]
+        assert all(torch.equal(m, mine[0]) for m in mine), step  # bitwise identical on every rank
+        assert torch.allclose(mine[0], flat[0], rtol=1e-4, atol=1e-5), (step, (mine[0] - flat[0]).abs().max())
     for key in [k for k in results[0] if isinstance(k, tuple)]:
         if key[-1] == "digest":
             assert len({r[key] for r in results}) == 1, key  # bitwise identical on every rank
