@@ -34,6 +34,7 @@ ROWS = (  # (name, pyparallel.train options); None: torchft's DiLoCo (benchmarks
     ("powerSGD", ["--hook", "powersgd"]),
     ("localsgd H=10", ["--algo", "localsgd"] + H10),
     ("localsgd H=50", ["--algo", "localsgd"] + H50),
+    ("localsgd H=50 int8", ["--algo", "localsgd"] + H50 + INT8),
     ("diloco H=10", ["--algo", "diloco"] + H10),
     ("diloco H=10 int8", ["--algo", "diloco"] + H10 + INT8),
     ("diloco H=10 overlap", ["--algo", "diloco"] + H10 + OVERLAP),
