@@ -46,6 +46,10 @@ ROWS = (  # (name, pyparallel.train options); None: torchft's DiLoCo (benchmarks
     # The outer step that suits this short run (a dozen outer steps): averaging, no outer momentum.
     ("diloco H=50 int8 overlap lr1 m0", ["--algo", "diloco"] + H50 + INT8 + OVERLAP
      + ["--outer-lr", "1", "--outer-momentum", "0"]),
+    # Streaming DiLoCo's tau: the int8 sync lands 2 inner steps after its launch instead of a round later.
+    ("diloco H=50 int8 overlap(2)", ["--algo", "diloco"] + H50 + INT8 + OVERLAP + ["--overlap-steps", "2"]),
+    ("diloco H=50 int8 overlap(2) lr1 m0", ["--algo", "diloco"] + H50 + INT8 + OVERLAP + ["--overlap-steps", "2"]
+     + ["--outer-lr", "1", "--outer-momentum", "0"]),
     ("diloco H=50 (torchft)", None),
 )
 

@@ -410,8 +410,10 @@ class PeriodicSync:
     """
 
     def __init__(self, params: list[list[torch.Tensor]], sync_every: int, outer_factory=None, reduce=None,
-                 deltas: bool = False, overlap: bool = False, fragments: int = 1):
+                 deltas: bool = False, overlap: bool = False, fragments: int = 1, overlap_steps: int | None = None):
         self.params, self.sync_every, self.overlap = params, sync_every, overlap
+        self.tau = overlap_steps or sync_every  # overlap: a result lands tau inner steps after its launch
+        self.due = [None] * fragments
         self.reduce = reduce or (lambda key, xs: shm_all_reduce(xs, average=True))
         self.deltas = deltas or overlap or outer_factory is not None
         self.layout = fragment_layout(params[0], fragments)
@@ -435,8 +437,21 @@ class PeriodicSync:
         self.step_count += 1
         self.since = [s + 1 for s in self.since]
         for f, offset in enumerate(self.offsets):
+            if self.due[f] == self.step_count:
+                self.land(f)
             if self.step_count % self.sync_every == offset:
                 self.sync(f)
+
+    @torch.no_grad()
+    def land(self, f: int) -> None:
+        """tau < H: the result launched tau steps ago moves the anchor; each rank goes on from the new anchor
+        plus its progress since the launch, and that anchor is its round's start."""
+        self.apply(f, self.pending[f])
+        self.pending[f], self.due[f] = None, None
+        for j, flat in enumerate(self.layout[f]):
+            for r in range(len(self.params)):
+                self.unflat(r, flat, (self.flat(r, flat) - self.starts[f][j][r]) + self.anchors[f][j])
+                self.starts[f][j][r] = self.anchors[f][j].clone()
 
     @torch.no_grad()
     def sync(self, f: int) -> None:
@@ -456,6 +471,8 @@ class PeriodicSync:
             self.reset(f)
             return
         previous, self.pending[f] = self.pending[f], results
+        if self.tau < self.sync_every:
+            self.due[f] = self.step_count + self.tau
         if previous is not None:
             self.apply(f, previous)
         for j, flat in enumerate(self.layout[f]):
@@ -470,11 +487,13 @@ class PeriodicSync:
     @torch.no_grad()
     def finish(self) -> None:
         for f in range(len(self.layout)):
+            if self.due[f] is not None and self.since[f]:
+                self.land(f)
             if self.since[f]:
                 self.sync(f)
             if self.pending[f] is not None:
                 self.apply(f, self.pending[f])
-                self.pending[f] = None
+                self.pending[f], self.due[f] = None, None
                 self.reset(f)
                 self.starts[f] = [[a.clone() for _ in self.params] for a in self.anchors[f]]
 

@@ -120,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
                    help="localsgd / diloco: compression of the periodic all-reduce (--block-size, --ratio)")
     p.add_argument("--overlap", action="store_true",
                    help="localsgd / diloco: all-reduce in the background, applied one round late")
+    p.add_argument("--overlap-steps", type=positive_int, default=None, metavar="TAU",
+                   help="with --overlap: apply the result TAU inner steps after its launch (default: --sync-every)")
     p.add_argument("--fragments", type=positive_int, default=1, help="localsgd / diloco: staggered model fragments")
     p.add_argument("--ratio", type=fraction, default=0.01, help="top-k: fraction of each bucket sent")
     p.add_argument("--warmup-steps", type=non_negative_int, default=0, help="top-k hook: dense steps first")
@@ -173,7 +175,8 @@ def build(args, device: torch.device, task=None):
     if args.algo != "ddp":
         compression = {"none": None, "int8": Int8(block_size=args.block_size),
                        "topk": Topk(ratio=args.ratio)}[args.compression]
-        common = dict(compression=compression, transport=args.transport, overlap=args.overlap, fragments=args.fragments)
+        common = dict(compression=compression, transport=args.transport, overlap=args.overlap, fragments=args.fragments,
+                      overlap_steps=args.overlap_steps)
         inner = task.optimizer(model.parameters())
         if args.algo == "localsgd":
             optimizer = LocalSGD(model, inner, args.sync_every, **common)
@@ -207,7 +210,8 @@ def checkpoint_metadata(args, world: int) -> dict:
     model = ([args.hidden, args.layers] if args.task == "digits" else
              [args.context, args.d_model, args.n_layers, args.n_heads])
     periodic = {"sync_every": args.sync_every, "compression": args.compression, "overlap": args.overlap,
-                "fragments": args.fragments, "outer": [args.outer_lr, args.outer_momentum]}
+                "fragments": args.fragments, "outer": [args.outer_lr, args.outer_momentum],
+                **({"overlap_steps": args.overlap_steps} if args.overlap_steps else {})}
     return {"world_size": world, "algorithm": args.ddp, "algo": args.algo, "task": args.task,
             "hook": args.hook if args.algo == "ddp" else None, "hook_config": hook_config if args.algo == "ddp" else {},
             "periodic": periodic if args.algo != "ddp" else {},

@@ -121,7 +121,7 @@ def _build(cfg, seed, group=None):
     inner = _inner(cfg.get("inner", "sgd"))(model.parameters())
     kwargs = dict(process_group=group, compression=_compression(cfg.get("compression")),
                   transport=cfg.get("transport", "ring"), overlap=cfg.get("overlap", False),
-                  fragments=cfg.get("fragments", 1))
+                  fragments=cfg.get("fragments", 1), overlap_steps=cfg.get("overlap_steps"))
     if cfg["algo"] == "diloco":
         opt = pyparallel.DiLoCo(model, inner, cfg["H"], outer_optimizer=cfg.get("outer"), **kwargs)
     else:
@@ -149,7 +149,7 @@ def _against_reference(seed, configs, nhosts=None, steps=9):
             sim = ref.PeriodicSync([_trainable(m) for m in models], cfg["H"], outer,
                                    _reference_reduce(path, opt.compression, n, ctx.hosts if ctx else None),
                                    deltas=cfg.get("compression") is not None, overlap=cfg.get("overlap", False),
-                                   fragments=cfg.get("fragments", 1))
+                                   fragments=cfg.get("fragments", 1), overlap_steps=cfg.get("overlap_steps"))
             digests = []
             for step in range(steps):
                 for r in range(n):
@@ -292,6 +292,9 @@ def _bad_inputs():
             return opt
         expect(f"factory lr={lr}", ValueError, lambda: pyparallel.DiLoCo(model, inner, 4, outer_optimizer=zero_lr))
     expect("fragments", ValueError, lambda: pyparallel.DiLoCo(model, inner, 5, fragments=2))
+    for tau in (0, 5, True):
+        expect(f"overlap_steps={tau}", ValueError, lambda: pyparallel.DiLoCo(model, inner, 4, overlap=True, overlap_steps=tau))
+    expect("overlap_steps alone", ValueError, lambda: pyparallel.DiLoCo(model, inner, 4, overlap_steps=2))
     expect("too many fragments", ValueError, lambda: pyparallel.DiLoCo(model, inner, 6, fragments=6))
     expect("compression", ValueError, lambda: pyparallel.LocalSGD(model, inner, 4, compression="fp8"))
     expect("transport", ValueError, lambda: pyparallel.LocalSGD(model, inner, 4, transport="carrier-pigeon"))
@@ -357,6 +360,10 @@ REFERENCE_CONFIGS = [
     dict(algo="diloco", H=2, compression="int8", overlap=True),
     dict(algo="diloco", H=4, compression="topk", overlap=True, fragments=2),
     dict(algo="diloco", H=3, fragments=3, outer=outer_sgd(lr=0.5, momentum=0.5, nesterov=False)),
+    # overlap_steps < H: the result lands within the round (tau = 1, 2 with one in flight at finish, 3 with fragments)
+    dict(algo="diloco", H=4, compression="int8", overlap=True, overlap_steps=1),
+    dict(algo="localsgd", H=4, overlap=True, overlap_steps=2),
+    dict(algo="diloco", H=4, compression="topk", overlap=True, fragments=2, overlap_steps=3, inner="adamw"),
 ]
 AUTO_CONFIGS = [  # one host: shared memory (compression applies across hosts only)
     dict(algo="localsgd", H=2, transport="auto"),
@@ -408,6 +415,7 @@ RESUME_CONFIGS = [
     dict(algo="diloco", H=4, inner="adamw", fresh_init=True),
     dict(algo="diloco", H=4, compression="int8", overlap=True, fragments=2),
     dict(algo="diloco", H=3, compression="topk", overlap=True, fragments=3),
+    dict(algo="diloco", H=4, compression="int8", overlap=True, overlap_steps=2),
 ]
 
 
@@ -430,6 +438,9 @@ def test_bad_inputs_raise(dist_pool):
         assert "DiLoCo: the outer learning rate must be > 0, got 0.0" in messages["factory lr=0.0"]
         assert "DiLoCo: the outer learning rate must be > 0, got -0.7" in messages["factory lr=-0.7"]
         assert "must be a multiple of fragments" in messages["fragments"]
+        for tau in (0, 5, True):
+            assert f"overlap_steps must be an integer in [1, sync_every = 4], got {tau}" in messages[f"overlap_steps={tau}"]
+        assert "overlap_steps needs overlap=True" in messages["overlap_steps alone"]
         assert "exceeds the number of trainable parameters" in messages["too many fragments"]
         assert "compression must be None" in messages["compression"]
         assert "transport must be one of" in messages["transport"]
