@@ -502,4 +502,4 @@ def start_lighthouse(min_replicas: int = 1, bind: str = "[::]:0", join_timeout_m
 
 
 # LocalSGD / DiLoCo rounds on torchft live in their own module (they need ManagedGroup, defined above).
-from .managed_local_sgd import ManagedDiLoCo, ManagedLocalSGD  # noqa: E402,F401
+from .managed_local_sgd import ManagedDiLoCo, ManagedLocalSGD, unsupported  # noqa: E402,F401

@@ -45,6 +45,19 @@ from .fault_tolerance import ManagedGroup, detached_copy
 from .local_sgd import DiLoCo, LocalSGD
 
 
+def unsupported(who: str, overlap: bool, fragments: int, ranks_per_replica: int) -> str | None:
+    """Why LocalSGD / DiLoCo with these options cannot run on torchft (Note [Rounds under torchft]), or None."""
+    if overlap:
+        return (f"{who}: overlap=True is not supported under fault tolerance: a reduction in flight across a round "
+                "would outlive the quorum it was launched on (Note [Rounds under torchft]); use overlap=False")
+    if fragments != 1:
+        return (f"{who}: fragments > 1 is not supported under fault tolerance (each fragment's synchronisation "
+                "would be a torchft step of its own); use fragments=1")
+    if ranks_per_replica != 1:
+        return f"{who}: one rank per replica (got replicas of {ranks_per_replica} ranks)"
+    return None
+
+
 class _ManagedRounds:
     """The torchft side of :class:`ManagedLocalSGD` and :class:`ManagedDiLoCo` (Note [Rounds under torchft])."""
 
@@ -52,16 +65,9 @@ class _ManagedRounds:
         who = type(self).__name__
         if not isinstance(group, ManagedGroup):
             raise TypeError(f"{who}: group must be a pyparallel.fault_tolerance.ManagedGroup, got {type(group).__name__}")
-        if group.replica_group is not None:
-            raise ValueError(f"{who}: one rank per replica (the ManagedGroup has a replica_group of "
-                             f"{group.ranks_per_replica} ranks)")
-        if kwargs.get("overlap"):
-            raise ValueError(f"{who}: overlap=True is not supported under fault tolerance: a reduction in flight "
-                             "across a round would outlive the quorum it was launched on (Note [Rounds under "
-                             "torchft]); use overlap=False")
-        if kwargs.get("fragments", 1) != 1:
-            raise ValueError(f"{who}: fragments > 1 is not supported under fault tolerance (each fragment's "
-                             "synchronisation would be a torchft step of its own); use fragments=1")
+        why = unsupported(who, bool(kwargs.get("overlap")), kwargs.get("fragments", 1), group.ranks_per_replica)
+        if why:
+            raise ValueError(why)
         if "process_group" in kwargs:
             raise TypeError(f"{who}: no process_group: every round synchronises on the quorum's group "
                             "(group.current())")

@@ -165,6 +165,11 @@ def resolve_defaults(args):
     return args
 
 
+def periodic_compression(args):
+    """--compression as LocalSGD / DiLoCo take it (--block-size for int8, --ratio for top-k)."""
+    return {"none": None, "int8": Int8(block_size=args.block_size), "topk": Topk(ratio=args.ratio)}[args.compression]
+
+
 def build(args, device: torch.device, task=None):
     """(model, wrapped model, hook state, optimizer) as configured by ``args``. With ``--algo localsgd |
     diloco`` the model is not wrapped, the hook state is None and the optimizer is the LocalSGD / DiLoCo
@@ -173,10 +178,8 @@ def build(args, device: torch.device, task=None):
     task = task or tasks.get(args.task)(args)
     model = task.model().to(device)
     if args.algo != "ddp":
-        compression = {"none": None, "int8": Int8(block_size=args.block_size),
-                       "topk": Topk(ratio=args.ratio)}[args.compression]
-        common = dict(compression=compression, transport=args.transport, overlap=args.overlap, fragments=args.fragments,
-                      overlap_steps=args.overlap_steps)
+        common = dict(compression=periodic_compression(args), transport=args.transport, overlap=args.overlap,
+                      fragments=args.fragments, overlap_steps=args.overlap_steps)
         inner = task.optimizer(model.parameters())
         if args.algo == "localsgd":
             optimizer = LocalSGD(model, inner, args.sync_every, **common)

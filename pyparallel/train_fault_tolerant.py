@@ -91,16 +91,13 @@ def check_arguments(args) -> None:
         raise SystemExit(f"pyparallel.train: --max-restarts must be >= 0, got {args.max_restarts}")
     if args.kill_at_step is not None and not 0 <= args.kill_replica < args.replicas:
         raise SystemExit(f"pyparallel.train: --kill-replica must be in [0, {args.replicas}), got {args.kill_replica}")
-    if args.algo != "ddp":  # Note [Rounds under torchft] (managed_local_sgd.py)
-        if args.overlap:
-            raise SystemExit(f"pyparallel.train: --fault-tolerant --algo {args.algo} does not support --overlap (a "
-                             "reduction in flight across a round would outlive the quorum it was launched on)")
-        if args.fragments != 1:
-            raise SystemExit(f"pyparallel.train: --fault-tolerant --algo {args.algo} needs --fragments 1 (each "
-                             "fragment's synchronisation would be a torchft step of its own)")
-        if args.ranks_per_replica != 1:
-            raise SystemExit(f"pyparallel.train: --fault-tolerant --algo {args.algo} runs one rank per replica "
-                             "(--ranks-per-replica 1)")
+    if args.algo != "ddp":  # checked here too, before any replica starts
+        from .fault_tolerance import unsupported  # (managed_local_sgd's: it is imported through fault_tolerance)
+
+        why = unsupported(f"pyparallel.train --fault-tolerant --algo {args.algo}", args.overlap, args.fragments,
+                          args.ranks_per_replica)
+        if why:
+            raise SystemExit(why)
 
 
 # ---- launcher ----
@@ -514,16 +511,14 @@ def _rounds(args, manager, group, model, inner, training, data):
     torchft], managed_local_sgd.py). Inner step j of round r reads global batch r H + j, split among the
     round's quorum; the run is total // H rounds (the tail of fewer than H steps is not trained)."""
     from . import fault_tolerance as ft
-    from .comm import Int8, Topk
     from .local_sgd import outer_sgd
+    from .train import periodic_compression
 
     x_train, y_train = data[0], data[1]
     total, batch = _schedule(args, x_train)
     h = args.sync_every
     rounds = max(1, total // h)
-    compression = {"none": None, "int8": Int8(block_size=args.block_size), "topk": Topk(ratio=args.ratio)}[
-        args.compression]
-    common = dict(compression=compression, transport=args.transport)
+    common = dict(compression=periodic_compression(args), transport=args.transport)
     if args.algo == "diloco":
         algo = ft.ManagedDiLoCo(manager, group, model, inner, h,
                                 outer_optimizer=outer_sgd(args.outer_lr, args.outer_momentum), **common)
