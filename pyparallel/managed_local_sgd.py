@@ -156,10 +156,13 @@ class _ManagedRounds:
     # ---- healing ----
 
     def _heal_state(self) -> dict:
-        # A copy: the donor goes on with its round while the healing replica downloads it.
+        # A copy: the donor goes on with its round while the healing replica downloads it. state_dict()
+        # already copies anchors, starts and residuals; only the outer optimizers' state is live.
         state = self.state_dict()
         del state["inner"]  # TrainingState sends it
-        return detached_copy(state)
+        for frag in state["fragments"]:
+            frag["outer"] = detached_copy(frag["outer"])
+        return state
 
     def _load_heal_state(self, state: dict) -> None:
         state = dict(state, inner=None)

@@ -461,6 +461,9 @@ def _rounds_case(algo, compression):
         # DiLoCo's state_dict: inner optimizer, anchor, outer optimizer, residual, counters), and replica 1
         # of it forgets the residual: the heal must have carried everything else.
         sent = [(me.heal_state(), me.manager.step, me.net.state_dict(), me.opt.state_dict()) if rank == 0 else None]
+        # What a donor serves must not change while it trains on (torchft sends it from memory).
+        kept = me.heal_state()
+        kept_then = ft.detached_copy(kept)
         dist.broadcast_object_list(sent, src=0)
         heal, step, model, checkpoint = ft.detached_copy(sent[0])  # rank 0's holds its live tensors
         healed, reference = (me, _RoundReplica(algo, compression, group)) if rank == 0 else \
@@ -486,6 +489,7 @@ def _rounds_case(algo, compression):
         out["anchor"] = [a.clone() for a in healed.opt.global_parameters()]
         out["params"] = [p.detach().clone() for p in healed.net.parameters()]
         out["rounds"] = healed.manager.step
+        out["heal_state_kept"] = _same(kept, kept_then)
     finally:
         group.shutdown()
         del server
@@ -500,7 +504,7 @@ def test_rounds_heal_with_the_outer_state_and_a_discarded_round_leaves_no_trace(
     for r in (a, b):
         assert r["discarded"] and r["discard_left_no_trace"] and r["model_is_anchor"]
         assert r["committed"] == [True] * 4 and r["rounds"] == 3
-        assert r["same_as_reference"]
+        assert r["same_as_reference"] and r["heal_state_kept"]
     assert all(torch.equal(x, y) for x, y in zip(a["anchor"] + a["params"], b["anchor"] + b["params"]))
 
 
