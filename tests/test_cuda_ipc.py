@@ -10,6 +10,7 @@ ranks by digest. Small staging buffers (PYPARALLEL_IPC_BUFFER_BYTES) stream larg
 chunks. Every test that needs a GPU skips without one; the CPU-side checks of the policy run anywhere.
 """
 
+import ctypes
 import datetime
 import hashlib
 import os
@@ -34,7 +35,9 @@ LARGE_SIZES = [65_536, 65_537, 3_000_001]  # with the default 8 MiB buffer: one-
 
 
 def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    # The bytes without numpy (.numpy() needs it, and the GPU check's bare machine may not have it).
+    b = t.detach().cpu().contiguous().view(torch.uint8).reshape(-1)
+    return hashlib.sha256(ctypes.string_at(b.data_ptr(), b.numel()) if b.numel() else b"").hexdigest()
 
 
 def _all_inputs(seed, shape, dtype, world):

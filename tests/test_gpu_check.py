@@ -36,6 +36,33 @@ def test_without_a_gpu_it_says_so_and_exits_2(tmp_path):
     assert "no CUDA device" in (tmp_path / "gpu-check.txt").read_text()
 
 
+# A machine with only torch: the modules the check reports as possibly missing raise ModuleNotFoundError.
+_BARE_MACHINE = """
+import importlib.abc, sys
+class _Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"numpy", "psutil", "torchft", "hypothesis", "ninja", "pytest_timeout"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, _Missing())
+"""
+
+
+def test_what_the_check_runs_imports_without_numpy():
+    # The GPU machine may have torch alone (torch does not require numpy): the build step's `import
+    # pyparallel`, the drivers it runs and the CUDA tests' helpers must import there. (pyparallel.powersgd
+    # imported numpy at module level, so `import pyparallel` failed and with it every later step.)
+    code = _BARE_MACHINE + (
+        "import torch, pyparallel, pyparallel.reference\n"
+        "import gpu_sanitize, gpu_allreduce, kernels\n"
+        "import test_cuda_ipc\n"
+        "print('digest', test_cuda_ipc._digest(torch.arange(5.0)), test_cuda_ipc._digest(torch.empty(0)))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks"),
+                                                       os.path.join(ROOT, "tests")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "digest" in out.stdout
+
+
 def test_targets_from_benchmark_results(tmp_path):
     gc = _load()
     c = gc.Check(60, str(tmp_path))
