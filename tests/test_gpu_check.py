@@ -132,3 +132,36 @@ def test_a_hung_step_is_killed_with_its_children(tmp_path):
     assert gone(), f"the step's child {child} survived it"
     c.log.close()
     shutil.rmtree(c.work)
+
+
+def test_a_step_at_its_budget_is_interrupted_first(tmp_path, monkeypatch):
+    # SIGINT before SIGTERM/SIGKILL: pytest then still writes its JUnit report (the counts of the tests that
+    # ran) and a Python step prints where it hung. (Killed straight away, a timed-out tests step reported
+    # nothing at all.)
+    gc = _load()
+    monkeypatch.setattr(gc, "INTERRUPT_GRACE_S", 5)
+    c = gc.Check(60, str(tmp_path))
+    hang = "import time\ntry:\n    time.sleep(100)\nexcept KeyboardInterrupt:\n    print('interrupted in sleep')\n    raise"
+    step = c.steps["kernels"]
+    assert c.run(step, [sys.executable, "-c", hang], budget=6) is None
+    assert step.status == "timeout"
+    assert "interrupted in sleep" in step.tail and "KeyboardInterrupt" in step.tail, step.tail
+    c.log.close()
+    shutil.rmtree(c.work)
+
+
+def test_a_step_that_raises_still_gets_its_report(tmp_path):
+    # A bug in gpu_check.py or a truncated result file must fail that step, not lose the JSON and table.
+    gc = _load()
+    c = gc.Check(60, str(tmp_path))
+    gc.guarded(c, "kernels", lambda: json.loads("{truncated"))
+    assert c.steps["kernels"].status == "failed" and "JSONDecodeError" in c.steps["kernels"].detail
+    c.steps["ipc-bench"].data = {"latency": [dict(bytes=8)], "bandwidth": [dict(bytes=64 << 20, dtype="fp32")],
+                                 "odd": {1, 2}}  # rows without their numbers; a set JSON cannot hold
+    report = gc.write_report(c, None, str(tmp_path))
+    result = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert result["steps"]["kernels"]["status"] == "failed"
+    assert "JSONDecodeError" in result["steps"]["kernels"]["tail"]
+    assert "kernels" in (tmp_path / "gpu-check.txt").read_text() and "kernels" in report
+    c.log.close()
+    shutil.rmtree(c.work)
