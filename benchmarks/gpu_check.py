@@ -360,7 +360,9 @@ def kernels(c: Check) -> None:
 def ipc_bench(c: Check, name: str, env: dict | None = None) -> None:
     s = c.steps[name]
     path = os.path.join(c.work, f"{name}.json")
-    rc = c.run(s, [PY, "benchmarks/gpu_allreduce.py", "-n", "2", "--json", path], env=env)
+    # --timeout 30: as for memcheck-ipc, a hang (ranks whose blocks cannot all run at once, say) raises
+    # "timed out waiting for rank r" inside the step's budget; one call takes well under a second.
+    rc = c.run(s, [PY, "benchmarks/gpu_allreduce.py", "-n", "2", "--timeout", "30", "--json", path], env=env)
     if os.path.exists(path):
         with open(path) as f:
             s.data = json.load(f)
@@ -538,7 +540,10 @@ def main(argv=None) -> int:
         for name, fn in (("tests", lambda: tests(c, info)),
                          ("memcheck", lambda: sanitizer(c, info, "memcheck", "memcheck", ["--kernels"])),
                          ("racecheck", lambda: sanitizer(c, info, "racecheck", "racecheck", ["--kernels"])),
-                         ("memcheck-ipc", lambda: sanitizer(c, info, "memcheck-ipc", "memcheck", ["--ipc", "2"])),
+                         # --timeout: a wait that cannot end (ranks that never meet) fails with "timed out
+                         # waiting for rank r" inside the step's budget instead of being killed silently.
+                         ("memcheck-ipc", lambda: sanitizer(c, info, "memcheck-ipc", "memcheck",
+                                                            ["--ipc", "2", "--timeout", "40"])),
                          ("kernels", lambda: kernels(c)),
                          ("ipc-bench", lambda: ipc_bench(c, "ipc-bench")),
                          ("ipc-bench-mps", lambda: ipc_bench_mps(c, info))):
