@@ -143,7 +143,7 @@ def extensions():
     if use_cuda:
         # torch.utils.cpp_extension reads CUDA_HOME when it is imported: set it first.
         os.environ["CUDA_HOME"] = cuda_home
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/comm/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unused-parameter"]
@@ -162,13 +162,81 @@ def extensions():
             **kwargs)
     else:
         ext = CppExtension("pyparallel._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": build_ext_class().with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = extensions()
+def parallel_compile(compiler, jobs):
+    """Makes ``compiler.compile`` compile its sources in up to ``jobs`` processes at once.
 
-# Name, version and packages are in pyproject.toml.
-setup(
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+    Without ninja, torch's BuildExtension falls back to distutils, which compiles one file after the
+    other: 20 files, about 5 minutes even on a fast machine, more than the GPU check's build budget (the
+    GPU machine may have torch alone, and torch does not install ninja). Each file is compiled in a
+    forked child: torch's per-file wrapper (``_compile``) swaps the compiler's executable between nvcc and
+    c++ around each call, so threads sharing the compiler object would race; forked children each have
+    their own copy.
+    """
+    try:
+        from setuptools.errors import CompileError
+    except ImportError:  # older setuptools
+        from distutils.errors import CompileError
+
+    def compile(sources, output_dir=None, macros=None, include_dirs=None, debug=0, extra_preargs=None,
+                extra_postargs=None, depends=None):
+        macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
+            output_dir, macros, include_dirs, sources, depends, extra_postargs)
+        cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
+        pending = [obj for obj in objects if obj in build]
+        running, failed = {}, []
+        while pending or running:
+            while pending and len(running) < jobs:
+                obj = pending.pop(0)
+                src, ext = build[obj]
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:  # the child: compile one file, report by exit status, never return
+                    code = 1
+                    try:
+                        compiler._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+                        code = 0
+                    except BaseException as exc:  # noqa: BLE001 (reported through the exit status)
+                        print(f"[pyparallel setup] compiling {src} failed: {exc}", file=sys.stderr)
+                    finally:
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                        os._exit(code)
+                running[pid] = src
+            pid, status = os.wait()
+            src = running.pop(pid, None)
+            if src is not None and not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                failed.append(src)
+        if failed:
+            raise CompileError("compiling failed: " + ", ".join(failed))
+        return objects
+
+    compiler.compile = compile
+
+
+def build_ext_class():
+    """torch's BuildExtension, compiling in parallel also when ninja is missing (parallel_compile)."""
+    from torch.utils.cpp_extension import BuildExtension
+
+    class BuildExt(BuildExtension):
+        def build_extensions(self):
+            if not self.use_ninja and self.compiler.compiler_type != "msvc" and hasattr(os, "fork"):
+                jobs = max(1, int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1))
+                _log(f"ninja not found: compiling in {jobs} processes without it (MAX_JOBS)")
+                parallel_compile(self.compiler, jobs)
+            super().build_extensions()
+
+    return BuildExt
+
+
+if __name__ == "__main__":  # also under pip (setuptools.build_meta runs this file as __main__)
+    ext_modules, cmdclass = extensions()
+
+    # Name, version and packages are in pyproject.toml.
+    setup(
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

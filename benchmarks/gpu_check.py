@@ -42,11 +42,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 
+# A step still running at the end of its budget gets SIGINT, then this long before SIGTERM and SIGKILL.
+INTERRUPT_GRACE_S = 15
 # (name, budget seconds, seconds kept back for it while earlier steps run)
 STEPS = [
     ("probe", 45, 10),
@@ -112,8 +115,9 @@ class Check:
         self.log_path = os.path.join(out_dir, "gpu-check.log")
         self.log = open(self.log_path, "w")
         self.steps: dict[str, Step] = {name: Step(name) for name, _, _ in STEPS}
+        # PYTHONFAULTHANDLER: a crash in the extension (SIGSEGV, SIGABRT) prints every thread's Python stack.
         self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                        PYTHONUNBUFFERED="1")
+                        PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
 
     def budget(self, name: str) -> float:
         """This step's budget: its own, cut so that the later steps keep their reserves."""
@@ -140,11 +144,18 @@ class Check:
                 rc = proc.wait(timeout=budget)
             except subprocess.TimeoutExpired:
                 rc = None
-                _signal_group(proc.pid, signal.SIGTERM)
+                # SIGINT to the step's own process first: pytest then stops and still writes its JUnit
+                # report (the pass / fail counts so far) and its failures, and a Python script prints
+                # where it hung; whatever is left is terminated, then killed, below.
+                _signal_pid(proc.pid, signal.SIGINT)
                 try:
-                    proc.wait(timeout=5)
+                    proc.wait(timeout=INTERRUPT_GRACE_S)
                 except subprocess.TimeoutExpired:
-                    pass
+                    _signal_group(proc.pid, signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        pass
             # Whatever the step left behind (a spawned rank that outlived its parent, say) must not hold the
             # GPU during the next step.
             _signal_group(proc.pid, signal.SIGKILL)
@@ -158,6 +169,13 @@ class Check:
         if rc is None:
             step.status, step.detail = "timeout", f"killed after its budget of {budget:.0f} s"
         return rc
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
 
 def _signal_group(pgid: int, sig: int) -> None:
     try:
@@ -210,7 +228,9 @@ def probe(c: Check) -> dict | None:
     s.status = "passed"
     s.detail = (f"{info['device']} (sm_{info['capability'].replace('.', '')}, {info['sms']} SMs, "
                 f"{info['memory_gib']} GiB), torch {info['torch']} CUDA {info['torch_cuda']}, Python {info['python']}"
-                + (f"; missing modules: {', '.join(missing)}" if missing else ""))
+                + (f"; missing modules: {', '.join(missing)}" if missing else "")
+                + ("" if info["nvcc"] else "; no nvcc (PATH, $CUDA_HOME/bin, /usr/local/cuda): the build will fail")
+                + ("" if info["ninja"] else "; no ninja: setup.py compiles in parallel without it"))
     return info
 
 
@@ -227,7 +247,9 @@ def build(c: Check, info: dict) -> bool:
     if rc is None:
         return False
     if rc != 0:
-        s.status, s.detail = "failed", f"setup.py build_ext failed (exit {rc}); see gpu-check.log"
+        errors = [ln.strip() for ln in s.tail.splitlines() if re.search(r"error|Error|RuntimeError", ln)]
+        s.status, s.detail = "failed", (f"setup.py build_ext failed (exit {rc}); see gpu-check.log"
+                                        + (f"; last error: {errors[-1][:300]}" if errors else ""))
         return False
     ops = ["quantize_int8", "dequantize_add_", "topk_compress", "bucket_flatten", "ipc_all_reduce_"]
     verify = ("import torch, pyparallel\n"
@@ -283,7 +305,8 @@ def tests(c: Check, info: dict) -> None:
                 counts["passed"] += 1
     s.data = {"counts": counts, "failures": failures[:40], "ignored_files": ignored,
               "missing_modules": [m for m in ("hypothesis", "pytest_timeout", "psutil") if info["modules"].get(m) is None]}
-    if rc is None:
+    if rc is None:  # interrupted at its budget: the counts are those of the tests that ran
+        s.detail += "; " + ", ".join(f"{v} {k}" for k, v in counts.items()) if os.path.exists(junit) else ""
         return
     s.status = "passed" if rc == 0 else "failed"
     s.detail = ", ".join(f"{v} {k}" for k, v in counts.items()) + (f" (pytest exit {rc})" if rc not in (0, 1) else "")
@@ -337,7 +360,9 @@ def kernels(c: Check) -> None:
 def ipc_bench(c: Check, name: str, env: dict | None = None) -> None:
     s = c.steps[name]
     path = os.path.join(c.work, f"{name}.json")
-    rc = c.run(s, [PY, "benchmarks/gpu_allreduce.py", "-n", "2", "--json", path], env=env)
+    # --timeout 30: as for memcheck-ipc, a hang (ranks whose blocks cannot all run at once, say) raises
+    # "timed out waiting for rank r" inside the step's budget; one call takes well under a second.
+    rc = c.run(s, [PY, "benchmarks/gpu_allreduce.py", "-n", "2", "--timeout", "30", "--json", path], env=env)
     if os.path.exists(path):
         with open(path) as f:
             s.data = json.load(f)
@@ -441,35 +466,33 @@ def table(c: Check, info: dict | None, target_rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--deadline", type=float, default=570, help="seconds for everything (default 570)")
-    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"),
-                   help="where the JSON, table and log go (default: $OUT, else benchmarks/results/)")
-    args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    c = Check(args.deadline, args.out)
-    print(f"gpu-check: output in {args.out}", flush=True)
+def guarded(c: Check, name: str, fn) -> None:
+    """Runs step ``name``'s function; if it raises (a bug here, a truncated JSON or XML file), the step is
+    failed with the traceback and the check goes on, so that the report is still written."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 (reported, never hidden)
+        s = c.steps[name]
+        s.status, s.detail = "failed", f"gpu_check.py raised in this step: {exc!r}"
+        s.tail = (s.tail + "\n" + traceback.format_exc())[-3000:]
+        c.log.write(f"\n===== {name}: gpu_check.py raised\n{traceback.format_exc()}")
+        c.log.flush()
 
-    info = probe(c)
-    print(f"probe: {c.steps['probe'].status}: {c.steps['probe'].detail}", flush=True)
-    if info is not None and build(c, info):
-        for name, fn in (("tests", lambda: tests(c, info)),
-                         ("memcheck", lambda: sanitizer(c, info, "memcheck", "memcheck", ["--kernels"])),
-                         ("racecheck", lambda: sanitizer(c, info, "racecheck", "racecheck", ["--kernels"])),
-                         ("memcheck-ipc", lambda: sanitizer(c, info, "memcheck-ipc", "memcheck", ["--ipc", "2"])),
-                         ("kernels", lambda: kernels(c)),
-                         ("ipc-bench", lambda: ipc_bench(c, "ipc-bench")),
-                         ("ipc-bench-mps", lambda: ipc_bench_mps(c, info))):
-            print(f"{name}: running (budget {c.budget(name):.0f} s)", flush=True)
-            fn()
-            print(f"{name}: {c.steps[name].status}: {c.steps[name].detail}", flush=True)
-    elif info is not None:
-        print(f"build: {c.steps['build'].status}: {c.steps['build'].detail}", flush=True)
 
-    target_rows = targets(c)
-    report = table(c, info, target_rows)
-    with open(os.path.join(args.out, "gpu-check.txt"), "w") as f:
+def write_report(c: Check, info: dict | None, out_dir: str) -> str:
+    """Writes gpu-check.txt and gpu-check.json (also when the table cannot be made); returns the table."""
+    try:
+        target_rows = targets(c)
+    except Exception:  # noqa: BLE001
+        target_rows = [dict(target="(could not compute the targets)", want="", got=traceback.format_exc()[-500:],
+                            met=False)]
+    try:
+        report = table(c, info, target_rows)
+    except Exception:  # noqa: BLE001
+        report = ("# pyparallel gpu-check: the table could not be made (see gpu-check.json)\n"
+                  + "\n".join(f"{n:<14} {st.status:<8} {st.detail}" for n, st in c.steps.items())
+                  + "\n" + traceback.format_exc())
+    with open(os.path.join(out_dir, "gpu-check.txt"), "w") as f:
         f.write(report)
     result = {
         "when": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -482,8 +505,55 @@ def main(argv=None) -> int:
         "targets": target_rows,
         "target_definitions": TARGETS,
     }
-    with open(os.path.join(args.out, "gpu-check.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    with open(os.path.join(out_dir, "gpu-check.json"), "w") as f:
+        json.dump(result, f, indent=1, default=repr)  # default: whatever a step's data holds, still written
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--deadline", type=float, default=570, help="seconds for everything (default 570)")
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"),
+                   help="where the JSON, table and log go (default: $OUT, else benchmarks/results/)")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    c = Check(args.deadline, args.out)
+    print(f"gpu-check: output in {args.out}", flush=True)
+
+    info = None
+
+    def do_probe():
+        nonlocal info
+        info = probe(c)
+
+    guarded(c, "probe", do_probe)
+    print(f"probe: {c.steps['probe'].status}: {c.steps['probe'].detail}", flush=True)
+    built = False
+
+    def do_build():
+        nonlocal built
+        built = build(c, info)
+
+    if info is not None:
+        guarded(c, "build", do_build)
+    if built:
+        for name, fn in (("tests", lambda: tests(c, info)),
+                         ("memcheck", lambda: sanitizer(c, info, "memcheck", "memcheck", ["--kernels"])),
+                         ("racecheck", lambda: sanitizer(c, info, "racecheck", "racecheck", ["--kernels"])),
+                         # --timeout: a wait that cannot end (ranks that never meet) fails with "timed out
+                         # waiting for rank r" inside the step's budget instead of being killed silently.
+                         ("memcheck-ipc", lambda: sanitizer(c, info, "memcheck-ipc", "memcheck",
+                                                            ["--ipc", "2", "--timeout", "40"])),
+                         ("kernels", lambda: kernels(c)),
+                         ("ipc-bench", lambda: ipc_bench(c, "ipc-bench")),
+                         ("ipc-bench-mps", lambda: ipc_bench_mps(c, info))):
+            print(f"{name}: running (budget {c.budget(name):.0f} s)", flush=True)
+            guarded(c, name, fn)
+            print(f"{name}: {c.steps[name].status}: {c.steps[name].detail}", flush=True)
+    elif info is not None:
+        print(f"build: {c.steps['build'].status}: {c.steps['build'].detail}", flush=True)
+
+    report = write_report(c, info, args.out)
     c.log.close()
     shutil.rmtree(c.work, ignore_errors=True)
     print(report)

@@ -112,14 +112,14 @@ def kernels(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _ipc_rank(rank: int, world: int, init_file: str, results) -> None:
+def _ipc_rank(rank: int, world: int, init_file: str, results, timeout_s: float) -> None:
     try:
         torch.cuda.set_device(rank % torch.cuda.device_count())
         dev = torch.device("cuda", torch.cuda.current_device())
         import torch.distributed as dist
 
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
+                                timeout=datetime.timedelta(seconds=timeout_s))
         os.environ["PYPARALLEL_IPC_BUFFER_BYTES"] = str(64 << 10)  # two-shot with many chunks too
         bad = []
         for dtype in DTYPES:
@@ -138,19 +138,19 @@ def _ipc_rank(rank: int, world: int, init_file: str, results) -> None:
         results.put((rank, [f"rank {rank} raised:\n{traceback.format_exc()}"]))
 
 
-def ipc(world: int) -> None:
+def ipc(world: int, timeout_s: float) -> None:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init_file = os.path.join(tempfile.mkdtemp(prefix="gpu-sanitize-"), "store")
-    procs = [ctx.Process(target=_ipc_rank, args=(r, world, init_file, results)) for r in range(world)]
+    procs = [ctx.Process(target=_ipc_rank, args=(r, world, init_file, results, timeout_s)) for r in range(world)]
     for p in procs:
         p.start()
     got = {}
     for _ in range(world):
         try:
-            rank, bad = results.get(timeout=300)
+            rank, bad = results.get(timeout=timeout_s + 240)  # + CUDA setup of the ranks under the sanitizer
         except Exception:  # queue.Empty: a rank hung or died without reporting
             break
         got[rank] = bad
@@ -169,6 +169,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernels", action="store_true", help="every kernel once, checked against the reference")
     p.add_argument("--ipc", type=int, default=0, metavar="N", help="the CUDA IPC all-reduce with N processes")
+    p.add_argument("--timeout", type=float, default=120, metavar="S",
+                   help="--ipc: the group's timeout, which bounds each all-reduce's wait for the other ranks")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="where --kernels runs (cpu: to check this driver itself without a GPU)")
     args = p.parse_args(argv)
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
     if args.kernels:
         kernels(args.device)
     if args.ipc:
-        ipc(args.ipc)
+        ipc(args.ipc, args.timeout)
     if failures:
         print(f"{len(failures)} checks failed", file=sys.stderr)
         return 1

@@ -47,7 +47,6 @@ Example:
 # No `from __future__ import annotations`: DDP's register_comm_hook checks the annotation objects.
 import weakref
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -169,6 +168,10 @@ class PowerSGDState(hooks.HookState):
         self.warm_start = bool(warm_start)
         self.orthogonalization_epsilon = orthogonalization_epsilon
         self.random_seed = random_seed
+        # numpy is imported here, not at module level: `import pyparallel` must work where numpy is not
+        # installed (torch does not require it; the GPU check's bare machine may lack it).
+        import numpy as np
+
         self.rng = np.random.RandomState(random_seed)
         self.iter = 0
         self.total_numel_before_compression = 0
@@ -275,6 +278,8 @@ class PowerSGDState(hooks.HookState):
         """Everything a resumed run needs to continue bitwise: counters, iteration, RNG state, and per
         parameter key its shape, error (if any) and Q (if any). Tensors are copies; ints, floats and
         tensors only, so ``torch.load(..., weights_only=True)`` reads it."""
+        import numpy as np  # lazily: see __init__
+
         out = super().state_dict()
         name, keys, pos, has_gauss, cached = self.rng.get_state()
         out.update(
@@ -371,6 +376,8 @@ def _check_rng(rng) -> tuple:
             or not isinstance(rng["cached_gaussian"], float):
         raise TypeError("PowerSGDState.load_state_dict: state['rng'] pos and has_gauss must be ints, "
                         "cached_gaussian a float")
+    import numpy as np  # lazily: see PowerSGDState.__init__
+
     return ("MT19937", keys.numpy().astype(np.uint32), rng["pos"], rng["has_gauss"], rng["cached_gaussian"])
 
 

@@ -25,7 +25,8 @@ publishes its IPC handle (or why it could not), then opens every peer's (or says
 anywhere and no rank uses it (``"auto"`` falls back to the ring, ``"ipc"`` raises the reason on every
 rank). Buffer size: ``PYPARALLEL_IPC_BUFFER_BYTES`` (two staging sets and an outbox of that many bytes
 per rank, default 8 MiB), grid: ``PYPARALLEL_IPC_BLOCKS`` (default: the device's multiprocessors, at most 64); the
-smallest over the ranks is used.
+smallest over the ranks is used, and at most a GPU's multiprocessors divided by the ranks that share it
+(:func:`ipc_grid`: under MPS the blocks of every rank on a GPU must fit on it at once).
 
 Host identity: ``PYPARALLEL_HOST`` when set (tests and link emulation), else torchrun's ``GROUP_RANK``
 (the node's rank), else (hostname, boot id, network and pid namespaces). It is exchanged once per group
@@ -246,7 +247,7 @@ class _GroupResources:
                 handle = _ops.ipc_create(comm, device, self.rank, self.size, list(range(self.size)), capacity,
                                          timeout_s)
                 created = True
-                mine = f"ok {handle} {os.getpid()} {capacity} {min(blocks, sms, IPC_MAX_BLOCKS)}"
+                mine = f"ok {handle} {os.getpid()} {capacity} {min(blocks, sms, IPC_MAX_BLOCKS)} {sms}"
             except (RuntimeError, ValueError, AssertionError) as exc:  # AssertionError: torch without CUDA
                 mine = "fail " + _first_line(exc)
         everyone = self._gather(f"{key}/created", mine)
@@ -256,7 +257,7 @@ class _GroupResources:
             handles = " ".join(p[1] for p in parts)
             pids = [int(p[2]) for p in parts]
             capacity = min(int(p[3]) for p in parts)
-            blocks = min(int(p[4]) for p in parts)
+            blocks = ipc_grid(parts)
             try:
                 _ops.ipc_open(comm, handles, pids, capacity, blocks)
                 mine = "ok"
@@ -314,6 +315,26 @@ class _GroupResources:
             _ops.release_group(name)
         self._private.clear()
         _ops.release_group(self.name)
+
+
+def ipc_grid(answers: list[list[str]]) -> int:
+    """The grid of the CUDA IPC kernels, the same on every rank, from every rank's round-1 answer
+    ``["ok", "<handle>:<PCI bus id>", pid, capacity, blocks, SMs]``: the smallest grid asked for, and at most
+    a GPU's SMs divided by the ranks that share that GPU.
+
+    Why the second bound: block b of every rank spins until block b of every other rank has arrived (Note
+    [CUDA IPC all-reduce]), so all the blocks of the ranks on one GPU must be able to run at once. Under
+    MPS the kernels of processes sharing a GPU run side by side and are not time-sliced, and a block of
+    ours takes a whole SM (512 threads x 128 registers), so with more blocks than SMs the blocks that got
+    an SM would wait for blocks that never get one, until the timeout: 2 ranks x 64 blocks on a 114-SM
+    H100 PCIe, 3 ranks on a 132-SM H100 SXM. (Time-sliced processes, the default, each get the whole GPU
+    in turn; the bound costs them nothing at 2 ranks per GPU.)"""
+    blocks = min(int(a[4]) for a in answers)
+    sharing: dict[str, list[int]] = {}
+    for a in answers:
+        sharing.setdefault(a[1].partition(":")[2], []).append(int(a[5]))
+    fit = min(min(sms) // len(sms) for sms in sharing.values())
+    return max(1, min(blocks, fit))
 
 
 def _first_line(exc: BaseException) -> str:

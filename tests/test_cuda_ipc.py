@@ -10,6 +10,7 @@ ranks by digest. Small staging buffers (PYPARALLEL_IPC_BUFFER_BYTES) stream larg
 chunks. Every test that needs a GPU skips without one; the CPU-side checks of the policy run anywhere.
 """
 
+import ctypes
 import datetime
 import hashlib
 import os
@@ -34,7 +35,9 @@ LARGE_SIZES = [65_536, 65_537, 3_000_001]  # with the default 8 MiB buffer: one-
 
 
 def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    # The bytes without numpy (.numpy() needs it, and the GPU check's bare machine may not have it).
+    b = t.detach().cpu().contiguous().view(torch.uint8).reshape(-1)
+    return hashlib.sha256(ctypes.string_at(b.data_ptr(), b.numel()) if b.numel() else b"").hexdigest()
 
 
 def _all_inputs(seed, shape, dtype, world):
@@ -344,6 +347,26 @@ def _setup_fails_the_same_everywhere():
 def test_ipc_needs_cuda_tensors(dist_pool):
     for msg in dist_pool(2).run(_cpu_tensor_with_ipc, timeout=60):
         assert msg is not None and "transport='ipc' needs CUDA tensors" in msg, msg
+
+
+def test_grid_fits_every_rank_sharing_a_gpu_at_once():
+    # Under MPS the kernels of ranks sharing a GPU run side by side and each block spins until its peers'
+    # blocks of the same index arrive: all of them must fit on the SMs at once (one block per SM), or the
+    # ranks wait for each other until the timeout. The grid used to be the smallest asked for (64 by
+    # default): 2 x 64 blocks on a 114-SM H100 PCIe, 3 x 64 on a 132-SM H100 SXM did not fit.
+    from pyparallel.transport import ipc_grid
+
+    def answers(buses, sms, blocks=64):
+        return [["ok", f"{'ab' * 32}:{bus}", "1", str(8 << 20), str(min(blocks, sms)), str(sms)] for bus in buses]
+
+    assert ipc_grid(answers(["0000:01:00.0", "0000:01:00.0"], 132)) == 64
+    assert ipc_grid(answers(["0000:01:00.0", "0000:01:00.0"], 114)) == 57
+    assert ipc_grid(answers(["0000:01:00.0"] * 3, 132)) == 44
+    assert ipc_grid(answers(["0000:01:00.0"] * 8, 132)) == 16
+    assert ipc_grid(answers([f"0000:0{i}:00.0" for i in range(4)], 132)) == 64  # one rank per GPU
+    mixed = answers(["0000:01:00.0", "0000:02:00.0", "0000:02:00.0", "0000:02:00.0"], 132, blocks=40)
+    assert ipc_grid(mixed) == 40  # 3 ranks on the second GPU: 44 fit, the smallest asked for is 40
+    assert ipc_grid(answers(["0000:01:00.0"] * 8, 4)) == 1
 
 
 @pytest.mark.skipif(CUDA, reason="a GPU sets CUDA IPC up (the other tests)")

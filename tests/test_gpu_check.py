@@ -36,6 +36,33 @@ def test_without_a_gpu_it_says_so_and_exits_2(tmp_path):
     assert "no CUDA device" in (tmp_path / "gpu-check.txt").read_text()
 
 
+# A machine with only torch: the modules the check reports as possibly missing raise ModuleNotFoundError.
+_BARE_MACHINE = """
+import importlib.abc, sys
+class _Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"numpy", "psutil", "torchft", "hypothesis", "ninja", "pytest_timeout"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, _Missing())
+"""
+
+
+def test_what_the_check_runs_imports_without_numpy():
+    # The GPU machine may have torch alone (torch does not require numpy): the build step's `import
+    # pyparallel`, the drivers it runs and the CUDA tests' helpers must import there. (pyparallel.powersgd
+    # imported numpy at module level, so `import pyparallel` failed and with it every later step.)
+    code = _BARE_MACHINE + (
+        "import torch, pyparallel, pyparallel.reference\n"
+        "import gpu_sanitize, gpu_allreduce, kernels\n"
+        "import test_cuda_ipc\n"
+        "print('digest', test_cuda_ipc._digest(torch.arange(5.0)), test_cuda_ipc._digest(torch.empty(0)))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks"),
+                                                       os.path.join(ROOT, "tests")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "digest" in out.stdout
+
+
 def test_targets_from_benchmark_results(tmp_path):
     gc = _load()
     c = gc.Check(60, str(tmp_path))
@@ -103,5 +130,38 @@ def test_a_hung_step_is_killed_with_its_children(tmp_path):
     while not gone() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gone(), f"the step's child {child} survived it"
+    c.log.close()
+    shutil.rmtree(c.work)
+
+
+def test_a_step_at_its_budget_is_interrupted_first(tmp_path, monkeypatch):
+    # SIGINT before SIGTERM/SIGKILL: pytest then still writes its JUnit report (the counts of the tests that
+    # ran) and a Python step prints where it hung. (Killed straight away, a timed-out tests step reported
+    # nothing at all.)
+    gc = _load()
+    monkeypatch.setattr(gc, "INTERRUPT_GRACE_S", 5)
+    c = gc.Check(60, str(tmp_path))
+    hang = "import time\ntry:\n    time.sleep(100)\nexcept KeyboardInterrupt:\n    print('interrupted in sleep')\n    raise"
+    step = c.steps["kernels"]
+    assert c.run(step, [sys.executable, "-c", hang], budget=6) is None
+    assert step.status == "timeout"
+    assert "interrupted in sleep" in step.tail and "KeyboardInterrupt" in step.tail, step.tail
+    c.log.close()
+    shutil.rmtree(c.work)
+
+
+def test_a_step_that_raises_still_gets_its_report(tmp_path):
+    # A bug in gpu_check.py or a truncated result file must fail that step, not lose the JSON and table.
+    gc = _load()
+    c = gc.Check(60, str(tmp_path))
+    gc.guarded(c, "kernels", lambda: json.loads("{truncated"))
+    assert c.steps["kernels"].status == "failed" and "JSONDecodeError" in c.steps["kernels"].detail
+    c.steps["ipc-bench"].data = {"latency": [dict(bytes=8)], "bandwidth": [dict(bytes=64 << 20, dtype="fp32")],
+                                 "odd": {1, 2}}  # rows without their numbers; a set JSON cannot hold
+    report = gc.write_report(c, None, str(tmp_path))
+    result = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert result["steps"]["kernels"]["status"] == "failed"
+    assert "JSONDecodeError" in result["steps"]["kernels"]["tail"]
+    assert "kernels" in (tmp_path / "gpu-check.txt").read_text() and "kernels" in report
     c.log.close()
     shutil.rmtree(c.work)

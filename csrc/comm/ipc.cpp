@@ -358,7 +358,7 @@ void IpcComm::wait_for_kernel(const char* op) {
                   ", on this node) died during a CUDA IPC collective; ";
         }
       }
-      fail(std::string(op) + ": " + dead + "CUDA error while waiting for the CUDA IPC all-reduce kernel: " +
+      fail(std::string(op) + ": " + dead + "CUDA error while waiting for the CUDA IPC kernel: " +
                cuda_text(e),
            true);
     }
