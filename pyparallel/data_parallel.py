@@ -44,6 +44,11 @@ class DataParallel(nn.Module):
             without it such a backward raises an error naming them.
         broadcast_buffers: broadcast rank 0's buffers (e.g. BatchNorm statistics) at every forward.
 
+    One backward per forward is averaged. A second backward through the same forward's graph
+    (``retain_graph=True``), or one through ``module`` called directly after an averaged backward, raises
+    instead of leaving its gradients local to one rank: sum the losses into one backward, run a forward
+    for each, or wrap it in :meth:`no_sync` to keep it local on purpose.
+
     Example:
         >>> model = pyparallel.DataParallel(net, comm_hook=hooks.int8_hook, hook_state=hooks.Int8State())
         >>> loss_fn(model(x), y).backward()   # gradients averaged over the ranks
@@ -77,6 +82,7 @@ class DataParallel(nn.Module):
             p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, i))
         self._sync = True
         self._armed = False
+        self._reduced = False  # the last forward's backward was averaged; no forward since
         self._lock = threading.Lock()  # autograd may run hooks of independent branches on several threads
         self.events: list[tuple[str, int]] = []  # this iteration: ("grad", param), ("launch", bucket), ("end", -1)
 
@@ -109,8 +115,10 @@ class DataParallel(nn.Module):
             buffers = list(self.module.buffers())
             if buffers:
                 self._broadcast(buffers)
-        if torch.is_grad_enabled() and self._sync:
-            self._arm()
+        if torch.is_grad_enabled():
+            self._reduced = False
+            if self._sync:
+                self._arm()
         return self.module(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -142,6 +150,15 @@ class DataParallel(nn.Module):
 
     def _grad_ready(self, i: int, param: torch.Tensor) -> None:
         if not self._armed:
+            if self._reduced and self._sync:
+                # Left alone, this gradient would stay local to this rank, on top of the averaged ones, and
+                # the ranks' models would drift apart without a word (torch's DDP does that).
+                raise RuntimeError(
+                    f"DataParallel: parameter {self._names[i]} received a gradient after this forward's gradients "
+                    "were already averaged (a second backward through the same graph, e.g. with retain_graph=True, "
+                    "or a backward through the wrapped module called directly); it would stay local to this rank "
+                    "and the ranks' gradients would diverge. Sum the losses into one backward, run a forward "
+                    "through DataParallel for each backward, or wrap this backward in no_sync() to keep it local.")
             return
         with self._lock:
             if self._seen[i]:
@@ -162,6 +179,7 @@ class DataParallel(nn.Module):
         """End of backward: launch what is left, wait for every bucket, write the averaged gradients."""
         try:
             with self._lock:
+                self._reduced = True
                 self.events.append(("end", -1))
                 unused = [i for i, seen in enumerate(self._seen) if not seen]
                 if unused and not self.find_unused_parameters:

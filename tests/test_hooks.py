@@ -171,6 +171,33 @@ def _unused_parameters(find_unused):
     return [p.grad.abs().sum().item() for p in dp.module.unused.parameters()]
 
 
+def _second_backward_through_one_forward():
+    """A second backward through a forward whose gradients were already averaged must raise, not leave
+    this rank's part local (the ranks' gradients would silently diverge); inside no_sync() it is meant
+    to stay local, and a new forward makes the next backward reduce again."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = make_model(16, 1, 0)
+    dp = pyparallel.DataParallel(model)
+    x = torch.randn(4, 64) + rank
+    out = dp(x)
+    out.square().mean().backward(retain_graph=True)
+    try:
+        out.abs().mean().backward(retain_graph=True)
+    except RuntimeError as e:
+        message = str(e)
+    else:
+        message = None
+    with dp.no_sync():  # on purpose: stays local
+        out.abs().mean().backward()
+    model.zero_grad()
+    dp(x).square().mean().backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    everyone = [torch.empty_like(grads) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, grads)
+    return message, all(torch.equal(g, grads) for g in everyone)
+
+
 def _custom_hook_and_bad_config():
     calls = []
 
@@ -229,6 +256,12 @@ def test_unused_parameters(dist_pool):
         assert "2 parameter(s) received no gradient in this backward: unused.weight, unused.bias" in msg
     for grads in dist_pool(2).run(_unused_parameters, True):
         assert grads == [0.0, 0.0]
+
+
+def test_second_backward_through_one_forward_raises(dist_pool):
+    for message, same in dist_pool(2).run(_second_backward_through_one_forward):
+        assert message is not None and "already averaged" in message and "parameter 2.bias" in message, message
+        assert same, "a new forward and backward reduce again"
 
 
 def test_custom_hook_gets_a_gradbucket_like_object(dist_pool):
