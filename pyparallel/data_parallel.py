@@ -76,7 +76,7 @@ class DataParallel(nn.Module):
                             "buffer": tensor_specs(module.named_buffers())}, process_group, "DataParallel")
         self._broadcast(list(module.parameters()) + list(module.buffers()))
         self._reducer = reducer.Reducer([p for _, p in named], process_group, comm_hook, hook_state,
-                                        bucket_cap_mb, first_bucket_mb, transport, "DataParallel")
+                                        bucket_cap_mb, first_bucket_mb, transport, "DataParallel", self._names)
         self._register_model(self._reducer.hook_state)
         for i, p in enumerate(self._reducer.params):
             p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, i))

@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from . import comm, hooks, ops
+from .param_keys import check_dense
 
 _RNG_KEYS = 624  # words of numpy's MT19937 state
 
@@ -380,6 +381,7 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.future
     exact average of the rest, with error feedback and warm start. Two all-reduces per bucket: the
     uncompressed gradients with P, then Q (skipped when empty); results bitwise identical on every rank.
     Works under torch's DDP (``register_comm_hook``) and :class:`pyparallel.DataParallel`."""
+    check_dense(bucket)
     params = bucket.parameters()
     keys = state._param_keys(params)
     compress = state.iter >= state.start_powerSGD_iter

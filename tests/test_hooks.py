@@ -198,6 +198,34 @@ def _second_backward_through_one_forward():
     return message, all(torch.equal(g, grads) for g in everyone)
 
 
+def _sparse_gradients_are_refused():
+    """nn.Embedding(sparse=True) under every hook (torch's DDP and ours) and a sparse tensor at the front
+    door: a clear error naming the problem, not a failure deep inside an op."""
+    rank = dist.get_rank()
+    out = {}
+    states = dict(HOOKS, powersgd=(hooks.powersgd_hook, lambda: hooks.PowerSGDState(start_powerSGD_iter=0)))
+    for name, (hook, make_state) in states.items():
+        for wrapper in ("torch", "pyparallel"):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+            if wrapper == "torch":
+                wrapped = nn.parallel.DistributedDataParallel(model)
+                wrapped.register_comm_hook(make_state(), hook)
+            else:
+                wrapped = pyparallel.DataParallel(model, comm_hook=hook, hook_state=make_state())
+            try:
+                wrapped(torch.tensor([rank, 3])).sum().backward()
+            except (RuntimeError, ValueError) as e:
+                out[name, wrapper] = str(e)
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.ones(2), (4,))
+    for async_op in (False, True):
+        try:
+            pyparallel.all_reduce(sparse, async_op=async_op)
+        except ValueError as e:
+            out["all_reduce", async_op] = str(e)
+    return out
+
+
 def _custom_hook_and_bad_config():
     calls = []
 
@@ -262,6 +290,16 @@ def test_second_backward_through_one_forward_raises(dist_pool):
     for message, same in dist_pool(2).run(_second_backward_through_one_forward):
         assert message is not None and "already averaged" in message and "parameter 2.bias" in message, message
         assert same, "a new forward and backward reduce again"
+
+
+def test_sparse_gradients_are_refused_clearly(dist_pool):
+    for out in dist_pool(2).run(_sparse_gradients_are_refused):
+        for name in list(HOOKS) + ["powersgd"]:
+            assert "sparse gradient" in out.get((name, "torch"), ""), (name, out.get((name, "torch")))
+            assert "0.weight" in out.get((name, "pyparallel"), "") and "sparse gradient" in out[name, "pyparallel"], \
+                (name, out.get((name, "pyparallel")))
+        for async_op in (False, True):
+            assert "sparse" in out.get(("all_reduce", async_op), ""), out.get(("all_reduce", async_op))
 
 
 def test_custom_hook_gets_a_gradbucket_like_object(dist_pool):
