@@ -385,6 +385,8 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.future
     params = bucket.parameters()
     keys = state._param_keys(params)
     compress = state.iter >= state.start_powerSGD_iter
+    if compress:  # before anything changes
+        hooks.check_compressible(bucket, "powersgd_hook")
     if bucket.is_last():  # the last bucket of an iteration is launched after all others
         state.iter += 1
     if not compress:

@@ -226,6 +226,29 @@ def _sparse_gradients_are_refused():
     return out
 
 
+def _float64_bucket_under_compressed_hooks():
+    """A float64 bucket: allreduce_hook averages it with torch; a compressed hook refuses it, naming the hook
+    and the dtype, when the hook is called (not from a callback, as an error about an internal op)."""
+    out = {}
+    states = {"int8": (hooks.int8_hook, lambda: hooks.Int8State(transport="ring")),
+              "topk": (hooks.topk_hook, lambda: hooks.TopkState(ratio=0.5, warmup_steps=1, transport="ring")),
+              "powersgd": (hooks.powersgd_hook, lambda: hooks.PowerSGDState(start_powerSGD_iter=0, transport="ring"))}
+    for name, (hook, make_state) in states.items():
+        for wrapper in ("torch", "pyparallel"):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(4, 8).double(), nn.Linear(8, 2).double())  # one bucket: float64
+            if wrapper == "torch":
+                wrapped = nn.parallel.DistributedDataParallel(model)
+                wrapped.register_comm_hook(make_state(), hook)
+            else:
+                wrapped = pyparallel.DataParallel(model, comm_hook=hook, hook_state=make_state())
+            try:
+                wrapped(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
+            except (RuntimeError, TypeError) as e:
+                out[name, wrapper] = str(e)
+    return out
+
+
 def _custom_hook_and_bad_config():
     calls = []
 
@@ -300,6 +323,15 @@ def test_sparse_gradients_are_refused_clearly(dist_pool):
                 (name, out.get((name, "pyparallel")))
         for async_op in (False, True):
             assert "sparse" in out.get(("all_reduce", async_op), ""), out.get(("all_reduce", async_op))
+
+
+def test_compressed_hooks_refuse_float64_buckets_clearly(dist_pool):
+    for out in dist_pool(2).run(_float64_bucket_under_compressed_hooks):
+        for name in ("int8", "topk", "powersgd"):
+            for wrapper in ("torch", "pyparallel"):
+                message = out.get((name, wrapper), "")
+                assert f"{name}_hook: bucket" in message and "torch.float64 gradients" in message, (name, wrapper, message)
+                assert "callback" not in message, message
 
 
 def test_custom_hook_gets_a_gradbucket_like_object(dist_pool):
