@@ -41,7 +41,8 @@ class DataParallel(nn.Module):
             ``"hierarchical"``, ``"ipc"``; see :mod:`pyparallel.transport`); sets ``hook_state.transport``. Default:
             the state's own (``"auto"`` unless set there).
         find_unused_parameters: allow parameters that get no gradient in a backward (they count as zero);
-            without it such a backward raises an error naming them.
+            without it such a backward raises an error naming them, once the step's buckets have been
+            reduced (with zeros for them), so that its collectives still pair with the other ranks'.
         broadcast_buffers: broadcast rank 0's buffers (e.g. BatchNorm statistics) at every forward.
 
     One backward per forward is averaged. A second backward through the same forward's graph
@@ -177,6 +178,7 @@ class DataParallel(nn.Module):
 
     def _finish(self) -> None:
         """End of backward: launch what is left, wait for every bucket, write the averaged gradients."""
+        error = None
         try:
             with self._lock:
                 self._reduced = True
@@ -184,12 +186,17 @@ class DataParallel(nn.Module):
                 unused = [i for i, seen in enumerate(self._seen) if not seen]
                 if unused and not self.find_unused_parameters:
                     names = ", ".join(self._names[i] for i in unused[:8]) + (" ..." if len(unused) > 8 else "")
-                    raise RuntimeError(
+                    error = RuntimeError(
                         f"DataParallel: {len(unused)} parameter(s) received no gradient in this backward: {names}. "
                         "Pass find_unused_parameters=True if some parameters legitimately take no part in the loss.")
-                for i in unused:  # zero contributions, so every rank still launches every bucket in order
+                # Zero contributions, so every rank still launches every bucket in order, also when it raises
+                # below: the ranks whose parameters were all used (they do not raise) have launched theirs,
+                # and this rank's next step would otherwise be paired with their current one.
+                for i in unused:
                     self._seen[i] = True
                     self._mark_ready(i)
             self._reducer.finish()
         finally:
             self._armed = False
+        if error is not None:
+            raise error

@@ -249,6 +249,38 @@ def _float64_bucket_under_compressed_hooks():
     return out
 
 
+def _unused_on_one_rank_only():
+    """Rank 1 leaves a head unused (no find_unused_parameters): it raises, and the other rank's collectives
+    of that step must not pair with rank 1's next step, which would average one rank's step-1 gradients
+    with the other's step-2 gradients without a word."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    class Heads(_TwoHeads):
+        def forward(self, x, both):
+            h = self.body(x)
+            return self.used(h) + (self.unused(h) if both else 0)
+
+    torch.manual_seed(0)
+    dp = pyparallel.DataParallel(Heads(), bucket_cap_mb=1e-4, first_bucket_mb=1e-4)
+    try:
+        dp(torch.randn(4, 8), rank != 1).sum().backward()
+        message = None
+    except RuntimeError as e:
+        message = str(e)
+    dp.module.zero_grad()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank))
+    dp(x, True).sum().backward()
+    grads = [p.grad.clone() for p in dp.module.parameters()]
+    local = Heads()
+    local.load_state_dict(dp.module.state_dict())
+    local(x, True).sum().backward()
+    expect = [p.grad.clone() for p in local.parameters()]
+    for e in expect:
+        dist.all_reduce(e)
+        e /= world
+    return message, all(torch.allclose(g, e, rtol=1e-5, atol=1e-6) for g, e in zip(grads, expect))
+
+
 def _custom_hook_and_bad_config():
     calls = []
 
@@ -307,6 +339,9 @@ def test_unused_parameters(dist_pool):
         assert "2 parameter(s) received no gradient in this backward: unused.weight, unused.bias" in msg
     for grads in dist_pool(2).run(_unused_parameters, True):
         assert grads == [0.0, 0.0]
+    (none, same0), (message, same1) = dist_pool(2).run(_unused_on_one_rank_only, timeout=60)
+    assert none is None and "received no gradient in this backward: unused.weight, unused.bias" in message
+    assert same0 and same1, "the next step is the average of that step's gradients on every rank"
 
 
 def test_second_backward_through_one_forward_raises(dist_pool):
