@@ -74,6 +74,15 @@ def _average(op: str) -> bool:
     return op == "avg"
 
 
+def _check_tensor(tensor) -> None:
+    """Here, on the caller's thread: what the ops cannot take at all fails with the reason, not inside an op."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"all_reduce: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise ValueError(f"all_reduce: sparse tensors are not supported (got {tensor.layout}); reduce "
+                         "tensor.to_dense(), or use torch.distributed.all_reduce")
+
+
 def _not_a_member(group) -> bool:
     """True for what ``dist.new_group`` returns on a rank it does not include (as torch's own check)."""
     return group is not None and not isinstance(group, dist.ProcessGroup) and group == dist.GroupMember.NON_GROUP_MEMBER
@@ -330,6 +339,7 @@ def all_reduce(
         >>> pyparallel.all_reduce(t, op="avg", compression="int8")
         >>> fut = pyparallel.all_reduce(t, async_op=True); ...; fut.wait()
     """
+    _check_tensor(tensor)
     if _not_a_member(group):
         _average(op)  # bad arguments still raise, as in torch
         warnings.warn(f"Running all_reduce on global rank {dist.get_rank()} which does not belong to the given "
@@ -358,6 +368,7 @@ def submit(tensor, group=None, op="sum", compression: Compression = None, transp
     """all_reduce(..., async_op=True) with two optional callbacks, both run on the group's worker thread:
     ``on_start()`` just before the collective starts moving bytes, ``on_bytes(n)`` once it is done with
     the bytes this rank sent across hosts (the hooks count their traffic with it)."""
+    _check_tensor(tensor)
     average = _average(op)
     g = _group(group)
     _transport.check(transport, "all_reduce")  # here, not only on the worker: the caller sees the error

@@ -41,8 +41,14 @@ class DataParallel(nn.Module):
             ``"hierarchical"``, ``"ipc"``; see :mod:`pyparallel.transport`); sets ``hook_state.transport``. Default:
             the state's own (``"auto"`` unless set there).
         find_unused_parameters: allow parameters that get no gradient in a backward (they count as zero);
-            without it such a backward raises an error naming them.
+            without it such a backward raises an error naming them, once the step's buckets have been
+            reduced (with zeros for them), so that its collectives still pair with the other ranks'.
         broadcast_buffers: broadcast rank 0's buffers (e.g. BatchNorm statistics) at every forward.
+
+    One backward per forward is averaged. A second backward through the same forward's graph
+    (``retain_graph=True``), or one through ``module`` called directly after an averaged backward, raises
+    instead of leaving its gradients local to one rank: sum the losses into one backward, run a forward
+    for each, or wrap it in :meth:`no_sync` to keep it local on purpose.
 
     Example:
         >>> model = pyparallel.DataParallel(net, comm_hook=hooks.int8_hook, hook_state=hooks.Int8State())
@@ -71,12 +77,13 @@ class DataParallel(nn.Module):
                             "buffer": tensor_specs(module.named_buffers())}, process_group, "DataParallel")
         self._broadcast(list(module.parameters()) + list(module.buffers()))
         self._reducer = reducer.Reducer([p for _, p in named], process_group, comm_hook, hook_state,
-                                        bucket_cap_mb, first_bucket_mb, transport, "DataParallel")
+                                        bucket_cap_mb, first_bucket_mb, transport, "DataParallel", self._names)
         self._register_model(self._reducer.hook_state)
         for i, p in enumerate(self._reducer.params):
             p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, i))
         self._sync = True
         self._armed = False
+        self._reduced = False  # the last forward's backward was averaged; no forward since
         self._lock = threading.Lock()  # autograd may run hooks of independent branches on several threads
         self.events: list[tuple[str, int]] = []  # this iteration: ("grad", param), ("launch", bucket), ("end", -1)
 
@@ -109,8 +116,10 @@ class DataParallel(nn.Module):
             buffers = list(self.module.buffers())
             if buffers:
                 self._broadcast(buffers)
-        if torch.is_grad_enabled() and self._sync:
-            self._arm()
+        if torch.is_grad_enabled():
+            self._reduced = False
+            if self._sync:
+                self._arm()
         return self.module(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -142,6 +151,15 @@ class DataParallel(nn.Module):
 
     def _grad_ready(self, i: int, param: torch.Tensor) -> None:
         if not self._armed:
+            if self._reduced and self._sync:
+                # Left alone, this gradient would stay local to this rank, on top of the averaged ones, and
+                # the ranks' models would drift apart without a word (torch's DDP does that).
+                raise RuntimeError(
+                    f"DataParallel: parameter {self._names[i]} received a gradient after this forward's gradients "
+                    "were already averaged (a second backward through the same graph, e.g. with retain_graph=True, "
+                    "or a backward through the wrapped module called directly); it would stay local to this rank "
+                    "and the ranks' gradients would diverge. Sum the losses into one backward, run a forward "
+                    "through DataParallel for each backward, or wrap this backward in no_sync() to keep it local.")
             return
         with self._lock:
             if self._seen[i]:
@@ -160,18 +178,25 @@ class DataParallel(nn.Module):
 
     def _finish(self) -> None:
         """End of backward: launch what is left, wait for every bucket, write the averaged gradients."""
+        error = None
         try:
             with self._lock:
+                self._reduced = True
                 self.events.append(("end", -1))
                 unused = [i for i, seen in enumerate(self._seen) if not seen]
                 if unused and not self.find_unused_parameters:
                     names = ", ".join(self._names[i] for i in unused[:8]) + (" ..." if len(unused) > 8 else "")
-                    raise RuntimeError(
+                    error = RuntimeError(
                         f"DataParallel: {len(unused)} parameter(s) received no gradient in this backward: {names}. "
                         "Pass find_unused_parameters=True if some parameters legitimately take no part in the loss.")
-                for i in unused:  # zero contributions, so every rank still launches every bucket in order
+                # Zero contributions, so every rank still launches every bucket in order, also when it raises
+                # below: the ranks whose parameters were all used (they do not raise) have launched theirs,
+                # and this rank's next step would otherwise be paired with their current one.
+                for i in unused:
                     self._seen[i] = True
                     self._mark_ready(i)
             self._reducer.finish()
         finally:
             self._armed = False
+        if error is not None:
+            raise error

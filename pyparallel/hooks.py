@@ -286,6 +286,16 @@ def _average(state: HookState, bucket, tensor: torch.Tensor, compression=None, o
                        on_start=on_start)
 
 
+def check_compressible(bucket, who: str) -> None:
+    """Raises, when the hook is called, if our compressed collectives cannot take the bucket's dtype
+    (float64, e.g.): raised later, from the collective, it would reach DDP as an error about an internal op."""
+    dtype = bucket.buffer().dtype
+    if dtype not in comm.DTYPES:
+        raise TypeError(f"{who}: bucket {bucket.index()} holds {dtype} gradients; pyparallel's collectives reduce "
+                        "float32, float16 and bfloat16 only: keep these parameters in one of those, or use "
+                        "allreduce_hook (it averages other dtypes exactly with torch.distributed.all_reduce)")
+
+
 def _reduce(state: HookState, bucket, compression=None) -> torch.futures.Future:
     """Averages the bucket in canonical order (Note [Hook state keyed by parameter]); the future's value
     is the bucket's buffer."""
@@ -338,6 +348,7 @@ def bf16_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future
 def int8_hook(state: Int8State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average through the int8 ring, which re-quantizes partial sums at every hop (about 1/4 of fp32's
     bytes); error bound in :class:`pyparallel.Int8`. Bitwise identical on every rank."""
+    check_compressible(bucket, "int8_hook")
     return _reduce(state, bucket, comm.Int8(state.block_size))
 
 
@@ -395,6 +406,7 @@ def topk_hook(state: TopkState, bucket: dist.GradBucket) -> torch.futures.Future
     """Average of every rank's top ``ratio`` entries (plus residual): a sparse all-gather of values and
     int32 indices, decoded in rank order, since index sets differ and cannot be summed on the way. NaN
     and Inf gradients never stay in a residual (Note [Non-finite top-k steps])."""
+    check_compressible(bucket, "topk_hook")
     fut = _reduce(state, bucket) if state.iteration < state.warmup_steps else _sparse(state, bucket)
     if bucket.is_last():
         state.iteration += 1

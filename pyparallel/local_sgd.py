@@ -166,6 +166,10 @@ def _check_identical(names: list[str], params: list[torch.Tensor], group, who: s
                          "initialisation, or load one checkpoint everywhere)")
 
 
+def _spec(spec) -> str:
+    return "absent" if spec is None else f"{spec[0]} {spec[1]}"
+
+
 class _PeriodicSync(torch.optim.Optimizer):
     """The machinery of Note [Periodic synchronisation]; LocalSGD and DiLoCo choose what is reduced and
     how the anchor moves. Subclasses torch.optim.Optimizer (without its constructor, as
@@ -211,6 +215,9 @@ class _PeriodicSync(torch.optim.Optimizer):
         if not named:
             raise ValueError(f"{who}: the model has no parameters that require gradients")
         names, params = [n for n, _ in named], [p for _, p in named]
+        # What a checkpoint must match: the anchors are flat per (fragment, dtype), so their shapes alone
+        # let a model of other shapes with as many elements load (a transposed weight, swapped layers).
+        self._param_specs = [[n, list(p.shape), str(p.dtype).removeprefix("torch.")] for n, p in named]
         ours = {id(p) for p in params}
         stray = [i for i, g in enumerate(optimizer.param_groups) for p in g["params"] if id(p) not in ours]
         if stray:
@@ -475,7 +482,7 @@ class _PeriodicSync(torch.optim.Optimizer):
             })
         return {"algorithm": type(self).__name__, "config": self._config(), "step": self._step,
                 "rounds": self.rounds, "bytes_sent": self.bytes_sent, "inner": self.optim.state_dict(),
-                "fragments": fragments}
+                "fragments": fragments, "parameters": [[n, list(s), d] for n, s, d in self._param_specs]}
 
     def load_state_dict(self, state: dict) -> None:  # type: ignore[override]
         self._check_loadable(state)
@@ -497,6 +504,15 @@ class _PeriodicSync(torch.optim.Optimizer):
         if state.get("algorithm") != who or state["config"] != self._config():
             raise ValueError(f"{who}.load_state_dict: the checkpoint was made by {state.get('algorithm')} with "
                              f"{state['config']}, this is {who} with {self._config()}")
+        saved_specs = state.get("parameters")  # (absent from checkpoints made before it was saved)
+        if saved_specs is not None and saved_specs != self._param_specs:
+            theirs = {n: (s, d) for n, s, d in saved_specs}
+            mine = {n: (s, d) for n, s, d in self._param_specs}
+            diffs = [f"{n}: {_spec(theirs.get(n))} in the checkpoint, {_spec(mine.get(n))} here"
+                     for n in list(mine) + [n for n in theirs if n not in mine] if theirs.get(n) != mine.get(n)]
+            diffs = diffs or ["the same parameters in another order"]
+            raise ValueError(f"{who}.load_state_dict: the checkpoint is of another model (trainable parameters "
+                             f"differ: {'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''})")
         for frag, saved in zip(self._fragments, state["fragments"]):
             topk = isinstance(self.compression, comm.Topk)
             for key in ("anchor",) + (("start",) if self.overlap else ()) + (("residual",) if topk else ()):

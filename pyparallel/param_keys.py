@@ -116,8 +116,18 @@ class Layout:
         return buffer
 
 
+def check_dense(bucket) -> None:
+    """Raises if ``bucket`` holds a sparse gradient: DDP gives such a parameter (nn.Embedding(sparse=True))
+    a bucket of its own whose buffer is the sparse gradient, which no hook of ours can reduce."""
+    if bucket.buffer().layout != torch.strided:
+        raise ValueError(f"bucket {bucket.index()} holds a sparse gradient ({bucket.buffer().layout}, e.g. from "
+                         "nn.Embedding(sparse=True)); pyparallel's hooks reduce dense gradients only: build the "
+                         "module with sparse=False, or leave this model on DDP's built-in reduction (no comm hook)")
+
+
 def layout_of(bucket, keys: ParameterKeys, cache: dict) -> Layout:
     """The bucket's :class:`Layout`, cached by the identity of its parameters (DDP rebuilds buckets once)."""
+    check_dense(bucket)
     params = bucket.parameters()
     ident = tuple(id(p) for p in params)
     layout = cache.get(ident)

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from . import comm, hooks, ops
+from .param_keys import check_dense
 
 _RNG_KEYS = 624  # words of numpy's MT19937 state
 
@@ -387,9 +388,12 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.future
     exact average of the rest, with error feedback and warm start. Two all-reduces per bucket: the
     uncompressed gradients with P, then Q (skipped when empty); results bitwise identical on every rank.
     Works under torch's DDP (``register_comm_hook``) and :class:`pyparallel.DataParallel`."""
+    check_dense(bucket)
     params = bucket.parameters()
     keys = state._param_keys(params)
     compress = state.iter >= state.start_powerSGD_iter
+    if compress:  # before anything changes
+        hooks.check_compressible(bucket, "powersgd_hook")
     if bucket.is_last():  # the last bucket of an iteration is launched after all others
         state.iter += 1
     if not compress:

@@ -57,6 +57,7 @@ class Reducer:
         transport: if given, sets ``hook_state.transport`` (``"auto"``, ``"ring"``, ``"shm"``,
             ``"hierarchical"``).
         name: who is asking, for error messages (e.g. ``"DataParallel"``).
+        param_names: the names of ``params`` (those that require gradients), for error messages.
 
     Two ways to drive it. After backward: :meth:`reduce` launches every bucket, then waits for each (the
     buckets' communication overlaps each other). During backward: :meth:`start`, then :meth:`grad_ready`
@@ -70,10 +71,14 @@ class Reducer:
 
     def __init__(self, params: Iterable[torch.Tensor], process_group: dist.ProcessGroup | None = None,
                  comm_hook: CommHook | None = None, hook_state: Any = None, bucket_cap_mb: float = BUCKET_CAP_MB,
-                 first_bucket_mb: float = FIRST_BUCKET_MB, transport: str | None = None, name: str = "Reducer"):
+                 first_bucket_mb: float = FIRST_BUCKET_MB, transport: str | None = None, name: str = "Reducer",
+                 param_names: list[str] | None = None):
         if not bucket_cap_mb > 0 or not first_bucket_mb > 0:
             raise ValueError(f"{name}: bucket sizes must be positive, got bucket_cap_mb={bucket_cap_mb}, "
                              f"first_bucket_mb={first_bucket_mb}")
+        params = list(params)
+        self.name = name
+        self._names = [n for n, p in zip(param_names, params) if p.requires_grad] if param_names is not None else None
         self.params = [p for p in params if p.requires_grad]
         self.process_group = process_group
         self.comm_hook = comm_hook if comm_hook is not None else DEFAULT_HOOK
@@ -101,6 +106,12 @@ class Reducer:
         """Copies bucket ``b``'s gradients into its buffer and starts the hook on it."""
         params = [self.params[i] for i in self.buckets[b]]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for i, g in zip(self.buckets[b], grads):
+            if g.layout != torch.strided:
+                who = f"parameter {self._names[i]}" if self._names else f"parameter {i} (shape {list(g.shape)})"
+                raise ValueError(f"{self.name}: {who} has a sparse gradient ({g.layout}, e.g. from "
+                                 "nn.Embedding(sparse=True)); pyparallel reduces dense gradients only: build the "
+                                 "module with sparse=False")
         ops.bucket_flatten(grads, self._buffers[b])
         bucket = Bucket(b, self._buffers[b], params, is_last=b == len(self.buckets) - 1)
         self._futures[b] = self.comm_hook(self.hook_state, bucket)

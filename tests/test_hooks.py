@@ -171,6 +171,116 @@ def _unused_parameters(find_unused):
     return [p.grad.abs().sum().item() for p in dp.module.unused.parameters()]
 
 
+def _second_backward_through_one_forward():
+    """A second backward through a forward whose gradients were already averaged must raise, not leave
+    this rank's part local (the ranks' gradients would silently diverge); inside no_sync() it is meant
+    to stay local, and a new forward makes the next backward reduce again."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = make_model(16, 1, 0)
+    dp = pyparallel.DataParallel(model)
+    x = torch.randn(4, 64) + rank
+    out = dp(x)
+    out.square().mean().backward(retain_graph=True)
+    try:
+        out.abs().mean().backward(retain_graph=True)
+    except RuntimeError as e:
+        message = str(e)
+    else:
+        message = None
+    with dp.no_sync():  # on purpose: stays local
+        out.abs().mean().backward()
+    model.zero_grad()
+    dp(x).square().mean().backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    everyone = [torch.empty_like(grads) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, grads)
+    return message, all(torch.equal(g, grads) for g in everyone)
+
+
+def _sparse_gradients_are_refused():
+    """nn.Embedding(sparse=True) under every hook (torch's DDP and ours) and a sparse tensor at the front
+    door: a clear error naming the problem, not a failure deep inside an op."""
+    rank = dist.get_rank()
+    out = {}
+    states = dict(HOOKS, powersgd=(hooks.powersgd_hook, lambda: hooks.PowerSGDState(start_powerSGD_iter=0)))
+    for name, (hook, make_state) in states.items():
+        for wrapper in ("torch", "pyparallel"):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+            if wrapper == "torch":
+                wrapped = nn.parallel.DistributedDataParallel(model)
+                wrapped.register_comm_hook(make_state(), hook)
+            else:
+                wrapped = pyparallel.DataParallel(model, comm_hook=hook, hook_state=make_state())
+            try:
+                wrapped(torch.tensor([rank, 3])).sum().backward()
+            except (RuntimeError, ValueError) as e:
+                out[name, wrapper] = str(e)
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.ones(2), (4,))
+    for async_op in (False, True):
+        try:
+            pyparallel.all_reduce(sparse, async_op=async_op)
+        except ValueError as e:
+            out["all_reduce", async_op] = str(e)
+    return out
+
+
+def _float64_bucket_under_compressed_hooks():
+    """A float64 bucket: allreduce_hook averages it with torch; a compressed hook refuses it, naming the hook
+    and the dtype, when the hook is called (not from a callback, as an error about an internal op)."""
+    out = {}
+    states = {"int8": (hooks.int8_hook, lambda: hooks.Int8State(transport="ring")),
+              "topk": (hooks.topk_hook, lambda: hooks.TopkState(ratio=0.5, warmup_steps=1, transport="ring")),
+              "powersgd": (hooks.powersgd_hook, lambda: hooks.PowerSGDState(start_powerSGD_iter=0, transport="ring"))}
+    for name, (hook, make_state) in states.items():
+        for wrapper in ("torch", "pyparallel"):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(4, 8).double(), nn.Linear(8, 2).double())  # one bucket: float64
+            if wrapper == "torch":
+                wrapped = nn.parallel.DistributedDataParallel(model)
+                wrapped.register_comm_hook(make_state(), hook)
+            else:
+                wrapped = pyparallel.DataParallel(model, comm_hook=hook, hook_state=make_state())
+            try:
+                wrapped(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
+            except (RuntimeError, TypeError) as e:
+                out[name, wrapper] = str(e)
+    return out
+
+
+def _unused_on_one_rank_only():
+    """Rank 1 leaves a head unused (no find_unused_parameters): it raises, and the other rank's collectives
+    of that step must not pair with rank 1's next step, which would average one rank's step-1 gradients
+    with the other's step-2 gradients without a word."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    class Heads(_TwoHeads):
+        def forward(self, x, both):
+            h = self.body(x)
+            return self.used(h) + (self.unused(h) if both else 0)
+
+    torch.manual_seed(0)
+    dp = pyparallel.DataParallel(Heads(), bucket_cap_mb=1e-4, first_bucket_mb=1e-4)
+    try:
+        dp(torch.randn(4, 8), rank != 1).sum().backward()
+        message = None
+    except RuntimeError as e:
+        message = str(e)
+    dp.module.zero_grad()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank))
+    dp(x, True).sum().backward()
+    grads = [p.grad.clone() for p in dp.module.parameters()]
+    local = Heads()
+    local.load_state_dict(dp.module.state_dict())
+    local(x, True).sum().backward()
+    expect = [p.grad.clone() for p in local.parameters()]
+    for e in expect:
+        dist.all_reduce(e)
+        e /= world
+    return message, all(torch.allclose(g, e, rtol=1e-5, atol=1e-6) for g, e in zip(grads, expect))
+
+
 def _custom_hook_and_bad_config():
     calls = []
 
@@ -229,6 +339,34 @@ def test_unused_parameters(dist_pool):
         assert "2 parameter(s) received no gradient in this backward: unused.weight, unused.bias" in msg
     for grads in dist_pool(2).run(_unused_parameters, True):
         assert grads == [0.0, 0.0]
+    (none, same0), (message, same1) = dist_pool(2).run(_unused_on_one_rank_only, timeout=60)
+    assert none is None and "received no gradient in this backward: unused.weight, unused.bias" in message
+    assert same0 and same1, "the next step is the average of that step's gradients on every rank"
+
+
+def test_second_backward_through_one_forward_raises(dist_pool):
+    for message, same in dist_pool(2).run(_second_backward_through_one_forward):
+        assert message is not None and "already averaged" in message and "parameter 2.bias" in message, message
+        assert same, "a new forward and backward reduce again"
+
+
+def test_sparse_gradients_are_refused_clearly(dist_pool):
+    for out in dist_pool(2).run(_sparse_gradients_are_refused):
+        for name in list(HOOKS) + ["powersgd"]:
+            assert "sparse gradient" in out.get((name, "torch"), ""), (name, out.get((name, "torch")))
+            assert "0.weight" in out.get((name, "pyparallel"), "") and "sparse gradient" in out[name, "pyparallel"], \
+                (name, out.get((name, "pyparallel")))
+        for async_op in (False, True):
+            assert "sparse" in out.get(("all_reduce", async_op), ""), out.get(("all_reduce", async_op))
+
+
+def test_compressed_hooks_refuse_float64_buckets_clearly(dist_pool):
+    for out in dist_pool(2).run(_float64_bucket_under_compressed_hooks):
+        for name in ("int8", "topk", "powersgd"):
+            for wrapper in ("torch", "pyparallel"):
+                message = out.get((name, wrapper), "")
+                assert f"{name}_hook: bucket" in message and "torch.float64 gradients" in message, (name, wrapper, message)
+                assert "callback" not in message, message
 
 
 def test_custom_hook_gets_a_gradbucket_like_object(dist_pool):

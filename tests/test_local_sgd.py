@@ -311,6 +311,11 @@ def _bad_inputs():
     state = opt.state_dict()
     expect("config", ValueError, lambda: pyparallel.DiLoCo(model, inner, 8).load_state_dict(state))
     expect("algorithm", ValueError, lambda: pyparallel.LocalSGD(model, inner, 4).load_state_dict(state))
+    # ... and of another model with as many elements of each dtype (its flat anchors have the same shapes)
+    other = _Net(0)
+    other.a.weight = nn.Parameter(other.a.weight.detach().t().contiguous())
+    expect("model", ValueError, lambda: pyparallel.DiLoCo(other, torch.optim.SGD(other.parameters(), lr=0.1),
+                                                          4).load_state_dict(state))
     # buffers come from rank 0; an LR scheduler drives the inner optimizer through the wrapper
     model.seen.fill_(rank + 1)
     opt = pyparallel.LocalSGD(model, inner, 2)
@@ -449,6 +454,8 @@ def test_bad_inputs_raise(dist_pool):
         assert "float32, float16 or bfloat16" in messages["double"]
         assert "parameters differ across ranks (4 of 5: a.weight, a.bias, b.weight, b.bias)" in messages["differ"]
         assert "sync_every': 8" in messages["config"] and "made by DiLoCo" in messages["algorithm"]
+        assert "another model" in messages["model"] and "a.weight: [33, 7] float32 in the checkpoint, [7, 33] float32 " \
+            "here" in messages["model"], messages["model"]
 
 
 @pytest.mark.parametrize("transport,overlap", [("ring", False), ("ring", True), ("auto", False)])
