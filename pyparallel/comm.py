@@ -68,9 +68,13 @@ class Topk:
 Compression = None | str | Int8 | Topk
 
 
-def _average(op: str) -> bool:
+def _average(op) -> bool:
+    """Whether ``op`` ("sum" / "avg", or torch's ``dist.ReduceOp.SUM`` / ``AVG``, as torch users write it)
+    averages."""
+    if isinstance(op, type(dist.ReduceOp.SUM)):  # RedOpType (compares equal to plain ints: not those)
+        op = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.AVG: "avg"}.get(op, op)
     if op not in ("sum", "avg"):
-        raise ValueError(f"all_reduce: op must be 'sum' or 'avg', got {op!r}")
+        raise ValueError(f"all_reduce: op must be 'sum' or 'avg' (or dist.ReduceOp.SUM / AVG), got {op!r}")
     return op == "avg"
 
 

@@ -72,6 +72,15 @@ def _dense_cases(seed):
                     bound = 2 * (n - 1) * 2.0**-24 * sum(x.abs() for x in xs)
                     assert bool(((t - gloo).abs() <= bound).all())
                 digests.append(_digest(t))
+    # torch's ReduceOp spellings mean the same; the ops we do not have are refused before anything moves
+    xs = _all_inputs(seed, (1001,), torch.float32, n)
+    for op, average in ((dist.ReduceOp.SUM, False), (dist.ReduceOp.AVG, True)):
+        t = xs[rank].clone()
+        _all_reduce(t, op=op)
+        assert torch.equal(t, ref.dense_all_reduce(xs, average)), op
+    for op in (dist.ReduceOp.MAX, "max", 0):
+        with pytest.raises(ValueError, match="op must be 'sum' or 'avg'"):
+            _all_reduce(xs[rank].clone(), op=op)
     # the ring's traffic: 2 (n - 1) / n of the tensor per rank
     x = torch.randn(16 * n * 1000)
     assert _ops.ring_all_reduce_(x, _group(), False) == 2 * (n - 1) * x.numel() // n * 4
