@@ -318,7 +318,11 @@ def all_reduce(
     Args:
         tensor: float32, float16 or bfloat16; CPU tensors need a Gloo group, CUDA tensors an NCCL group
             (or, with the "ipc" transport, any group whose ranks share one node: its store is all it uses).
-            Any shape and numel (0 included). fp16/bf16 are accumulated in fp32.
+            Any shape and numel (0 included). fp16/bf16 are accumulated in fp32, but partial sums travel
+            in the tensor's dtype on the ring (tensors over 64 KiB, 3 or more ranks) and between hosts (each
+            host's sum): fp16 partial sums above 65504 become inf, also with ``op="avg"`` where the average
+            itself would fit (four ranks at 60000). Shared memory and small tensors sum in fp32 and divide
+            once. Divide before reducing (as :func:`pyparallel.hooks.fp16_hook` does) or use bf16 there.
         group: process group (default: the world).
         op: ``"sum"`` or ``"avg"``.
         compression: None (exact), ``"int8"`` / :class:`Int8` (error bound in its docstring) or

@@ -151,7 +151,7 @@ class _GroupResources:
     def _exchange_layout(self) -> Layout:
         self.store.set(f"{self.prefix}/host/{self.rank}", f"{int(cuda_ipc_enabled())} {host_identity()}")
         keys = [f"{self.prefix}/host/{r}" for r in range(self.size)]
-        self.store.wait(keys, self.timeout)
+        self._wait(keys, "did not start their first pyparallel collective on it")
         hosts: dict[str, list[int]] = {}
         gates = []
         for r, key in enumerate(keys):
@@ -189,7 +189,8 @@ class _GroupResources:
             finally:
                 _ops.shm_unlink(segment)
         else:
-            self.store.wait([f"{key}/segment"], self.timeout)
+            self._wait([f"{key}/segment"], "(this host's first rank) did not create the shared-memory segment",
+                       ranks=[local[0]])
             segment, slot = self.store.get(f"{key}/segment").decode().split()
             _ops.shm_attach(comm, segment, layout.local_rank, len(local), local, int(slot), False, timeout_s)
             self.store.add(f"{key}/mapped", 1)
@@ -201,7 +202,13 @@ class _GroupResources:
         counter that the caller's own new_group calls could put out of step."""
         store = dist.PrefixStore(name + "/", self.store)
         me = members.index(self.rank)
-        backend = dist.ProcessGroupGloo(store, me, len(members), self.timeout)
+        try:
+            backend = dist.ProcessGroupGloo(store, me, len(members), self.timeout)
+        except RuntimeError as exc:  # torch says only "Wait timeout": say what and whom we waited for
+            raise RuntimeError(f"pyparallel: ranks {members} of process group '{self.name}' did not all set up its private "
+                               f"Gloo group '{name}' within the group's timeout ({self.timeout.total_seconds():.0f} s): "
+                               f"did every rank call the same collective with the same transport? ({_first_line(exc)})"
+                               ) from exc
         pg = dist.ProcessGroup(store, me, len(members))
         pg._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, backend)
         pg._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
@@ -224,8 +231,25 @@ class _GroupResources:
         """Every rank's ``value`` for ``key``, by rank (through the store)."""
         self.store.set(f"{key}/{self.rank}", value)
         keys = [f"{key}/{r}" for r in range(self.size)]
-        self.store.wait(keys, self.timeout)
+        self._wait(keys, "did not set up CUDA IPC")
         return [self.store.get(k).decode() for k in keys]
+
+    def _wait(self, keys: list[str], what: str, ranks: list[int] | None = None) -> None:
+        """store.wait(keys), ``keys[i]`` being set by rank ``ranks[i]`` (default: rank i). On timeout, an error
+        that names the ranks that did not set theirs and what they did not do, instead of torch's bare
+        "Wait timeout": a rank that calls another collective, or the same one with another transport, ends
+        up here."""
+        try:
+            self.store.wait(keys, self.timeout)
+        except RuntimeError as exc:  # torch's DistStoreError
+            ranks = list(range(len(keys))) if ranks is None else ranks
+            try:
+                missing = [r for r, k in zip(ranks, keys) if not self.store.check([k])]
+            except RuntimeError:
+                missing = ranks
+            raise RuntimeError(f"pyparallel: rank(s) {missing} of process group '{self.name}' {what} within the group's "
+                               f"timeout ({self.timeout.total_seconds():.0f} s): did every rank call the same collective "
+                               f"with the same transport?") from exc
 
     def _attach_ipc(self, device: int, serial: int) -> tuple[str | None, str | None]:
         layout, timeout_s = self.layout, self.timeout.total_seconds()

@@ -10,6 +10,7 @@ import hashlib
 import os
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -143,15 +144,25 @@ def _hier_ref(*args, **kwargs):
 
 
 def _mismatch(nhosts, kind):
+    """Rank 0 differs (kind "numel", "dtype", "piece"), or host 0 differs from the others while the ranks of
+    every host agree among themselves ("host_avg", "host_numel", "host_k": only the inter-host steps can
+    tell, and each of them sees one region; avg against sum was a silent wrong result, a numel or k that
+    gave some regions equal sizes left part of a host in the collective)."""
     rank = dist.get_rank()
+    host0 = rank * nhosts // dist.get_world_size() == 0
     piece = SMALL_PIECE + (rank == 0) * 4 if kind == "piece" else SMALL_PIECE
+    op, compression = "avg" if kind == "host_avg" and host0 else "sum", None
     with _Group(nhosts, piece=piece) as g:
         if kind == "dtype":
             t = torch.ones(100, dtype=torch.float16 if rank == 0 else torch.float32)
+        elif kind == "host_numel":  # regions [0, 64) match across hosts, [64, 100) and [64, 116) do not
+            t = torch.ones(100 if host0 else 116)
+        elif kind == "host_k":  # k 10 or 11 of 100: 7 or 8 in the first region, 4 in the second
+            t, compression = torch.ones(100), pyparallel.Topk(k=10 if host0 else 11)
         else:
             t = torch.ones(100 + (rank == 0 and kind == "numel"))
         try:
-            pyparallel.all_reduce(t, group=g)
+            pyparallel.all_reduce(t, group=g, op=op, compression=compression)
             msg = None
         except RuntimeError as e:
             msg = str(e).splitlines()[0]
@@ -160,6 +171,86 @@ def _mismatch(nhosts, kind):
             pyparallel.all_reduce(ok, group=g)
             assert bool((ok == dist.get_world_size()).all())
     return msg
+
+
+def _late_rank_in_shared_memory():
+    """Rank 0 reaches a shared-memory all-reduce after the others gave up on it (the group's timeout): it must
+    raise too, not pass the barrier that their arrivals already satisfy and return a result of a collective
+    they abandoned (it did: Note [Published failures], csrc/comm/shm.cpp)."""
+    import datetime
+
+    rank = dist.get_rank()
+    g = dist.new_group(list(range(dist.get_world_size())), timeout=datetime.timedelta(seconds=2))
+    try:
+        pyparallel.all_reduce(torch.ones(10), group=g)  # sets up the segment
+        t = torch.full((10,), float(rank + 1))
+        if rank == 0:
+            time.sleep(3.5)
+        try:
+            pyparallel.all_reduce(t, group=g)
+            msg = None
+        except RuntimeError as e:
+            msg = str(e).splitlines()[0]
+        untouched = bool((t == rank + 1).all())
+    finally:
+        pyparallel.release(g)
+        dist.destroy_process_group(g)
+    return msg, untouched
+
+
+def _first_call_with_another_transport():
+    """Rank 0 asks for the ring, the others for shared memory, on a group's first collective: each waits in
+    the transport's set-up for ranks that never come, and must say so (it said only "Wait timeout")."""
+    import datetime
+
+    rank = dist.get_rank()
+    g = dist.new_group(list(range(dist.get_world_size())), timeout=datetime.timedelta(seconds=2))
+    try:
+        pyparallel.all_reduce(torch.ones(10), group=g, transport="ring" if rank == 0 else "shm")
+        return None
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    finally:
+        pyparallel.release(g)
+        dist.destroy_process_group(g)
+
+
+def _later_call_with_another_transport():
+    """As above once both transports are set up: rank 0's header check times out in Gloo, and says that it
+    was the header check and what usually causes it (it gave Gloo's message alone)."""
+    import datetime
+
+    rank = dist.get_rank()
+    g = dist.new_group(list(range(dist.get_world_size())), timeout=datetime.timedelta(seconds=2))
+    try:
+        for transport in ("ring", "shm"):
+            pyparallel.all_reduce(torch.ones(10), group=g, transport=transport)
+        pyparallel.all_reduce(torch.ones(10), group=g, transport="ring" if rank == 0 else "shm")
+        return None
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    finally:
+        pyparallel.release(g)
+        dist.destroy_process_group(g)
+
+
+def _die_on_another_host():
+    """Rank 1 (host 0) is SIGKILLed during hierarchical all-reduces of 2 hosts x 2 ranks. Rank 3's inter-host
+    step loses it and rank 3 leaves the collective; rank 2, on host 1 with it, must learn that from the
+    segment (Note [Published failures]) instead of pairing its shared-memory barriers with rank 3's next
+    collective (it raised "ranks disagree on the numel", a collective it never called)."""
+    import datetime
+
+    from dist_harness import kill_rank_one_during_all_reduces
+
+    rank, n = dist.get_rank(), dist.get_world_size()
+    os.environ["PYPARALLEL_HOST"] = f"host{rank * 2 // n}"
+    try:
+        g = dist.new_group(list(range(n)), timeout=datetime.timedelta(seconds=10))
+        pyparallel.all_reduce(torch.ones(4), group=g)  # the layout is read here, with the variable set
+    finally:
+        os.environ.pop("PYPARALLEL_HOST")
+    return kill_rank_one_during_all_reduces(g, torch.randn(4 << 20), "hierarchical")
 
 
 def _die_in_shared_memory():
@@ -304,7 +395,8 @@ def test_compression_only_across_hosts(dist_pool, world_size, nhosts):
     assert all(d == digests[0] for d in digests), "ranks disagree"
 
 
-@pytest.mark.parametrize("nhosts,kind", [(1, "numel"), (1, "dtype"), (2, "numel"), (2, "piece")])
+@pytest.mark.parametrize("nhosts,kind", [(1, "numel"), (1, "dtype"), (2, "numel"), (2, "piece"), (2, "host_avg"),
+                                         (2, "host_numel"), (2, "host_k")])
 def test_mismatch_raises_on_every_rank(dist_pool, nhosts, kind):
     messages = dist_pool(4).run(_mismatch, nhosts, kind, timeout=60)
     for msg in messages:
@@ -320,6 +412,46 @@ def test_sigkill_in_shared_memory_raises_and_leaves_nothing():
     assert_rank_one_killed_is_named(_die_in_shared_memory, timeout=90)
     after = {f for f in os.listdir("/dev/shm") if f.startswith("pyparallel-")}
     assert after <= before, f"left in /dev/shm: {after - before}"
+
+
+def test_late_rank_in_shared_memory_raises_instead_of_using_abandoned_data(dist_pool):
+    (late, untouched), *others = dist_pool(3).run(_late_rank_in_shared_memory, timeout=60)
+    for msg, _ in others:
+        assert msg is not None and "timed out" in msg, msg
+    assert late is not None and "gave up" in late and "timed out" in late, late
+    assert untouched
+
+
+def test_transport_mismatch_at_set_up_names_the_ranks_and_the_cause(dist_pool):
+    ring, *shm = dist_pool(3).run(_first_call_with_another_transport, timeout=60)
+    assert ring is not None and "ranks [0, 1, 2]" in ring and "same transport" in ring, ring
+    for msg in shm:
+        assert msg is not None and "rank(s) [0]" in msg and "shared-memory segment" in msg, msg
+
+
+def test_transport_mismatch_after_set_up_says_it_was_the_header_check(dist_pool):
+    ring, *shm = dist_pool(3).run(_later_call_with_another_transport, timeout=60)
+    assert ring is not None and "header check" in ring and "same transport" in ring, ring
+    for msg in shm:
+        assert msg is not None and "timed out" in msg, msg
+
+
+def test_sigkill_on_another_host_raises_everywhere_without_crossing_collectives():
+    from dist_harness import WorkerPool
+
+    pool = WorkerPool(4, pg_timeout_s=10)
+    try:
+        outcomes = pool.outcomes(_die_on_another_host, timeout=120)
+    finally:
+        pool.kill()
+    assert outcomes[1][0] == "died"
+    for rank in (0, 2, 3):
+        status, value = outcomes[rank]
+        assert status == "ok", value
+        first, later = value
+        assert first is not None and first[0] < 10 + 5, (rank, first)
+        assert "disagree" not in first[1], (rank, first)
+        assert later is not None and later[0] < 1 and "disagree" not in later[1], (rank, later)
 
 
 @pytest.mark.parametrize("transport", ["ring", "auto"])

@@ -104,6 +104,13 @@ class CrossHostSteps {
   std::thread thread_;  // last: started once everything above exists
 };
 
+// What a rank that leaves a hierarchical all-reduce part-way tells its host's other ranks.
+std::string left_because(const char* op, const std::exception& e) {
+  std::string why = e.what();
+  why = why.substr(0, why.find('\n'));  // without the C++ backtrace torch appends
+  return std::string(op) + ": it left the collective part-way: " + why;
+}
+
 int64_t hierarchical_all_reduce(at::Tensor& tensor, const std::string& comm, const std::string& cross_group,
                                 int64_t world_size, bool average, int64_t compression, int64_t param,
                                 const std::optional<at::Tensor>& residual, int64_t piece_bytes) {
@@ -164,40 +171,66 @@ int64_t hierarchical_all_reduce(at::Tensor& tensor, const std::string& comm, con
   };
 
   at::Tensor first = piece(0);
+  std::exception_ptr host_disagrees;
   try {
     shm->reduce_scatter(first, header, op);
   } catch (const c10::Error&) {
     if (shm->failed()) throw;
-    // This host's ranks disagree. Tell the other hosts too, or they would wait for us in the inter-host
-    // step: a header no rank of theirs can match (numel -1) makes that step raise everywhere.
-    const auto [b, e] = shm->region(first.numel(), shm->rank());
-    CollectiveHeader poisoned = CollectiveHeader::of(first.slice(0, b, e), kind, false, 0);
-    poisoned.numel = -1;
+    host_disagrees = std::current_exception();  // the other hosts learn it below
+  }
+  // Note [Whole call checked across hosts]
+  // The inter-host steps compare only what they see: one region's numel and k, and never the reduction
+  // (they all sum). Hosts whose ranks agree among themselves but not with another host's (avg here and
+  // sum there, a different numel or k) would go on: a silent wrong result, or some local ranks' regions
+  // matching across hosts while others' do not, so part of a host left the collective and the rest
+  // waited for it. So every rank checks the whole call's header with its inter-host group first: each
+  // inter-host group compares the same host headers, so every rank gets the same verdict. A host whose
+  // ranks disagree sends a header no rank can match (numel -1), so the other hosts raise too. It costs
+  // one more small exchange across hosts per call; the inter-host steps' own checks stay as they were.
+  {
+    CollectiveHeader across = header;
+    if (host_disagrees) across.numel = -1;
     try {
-      Session tell(cross_group, flat, poisoned, op);
-    } catch (const c10::Error&) {
+      Session check(cross_group, flat, across, op);
+    } catch (const std::exception& e) {
+      if (!group_failure(cross_group).empty()) shm->abort(left_because(op, e));  // Note [Published failures]
+      if (host_disagrees) std::rethrow_exception(host_disagrees);  // this host's own, more precise error
+      throw;
     }
-    throw;
+    if (host_disagrees) std::rethrow_exception(host_disagrees);
   }
   int64_t sent = 0;
-  if (pieces == 1) {
-    sent = cross(0);
-  } else {
-    CrossHostSteps steps(pieces, cross);
-    steps.post(0);
-    for (int64_t i = 1; i < pieces; ++i) {
-      at::Tensor next = piece(i);
-      shm->reduce_scatter(next, header, op);
-      steps.post(i);
-      steps.wait(i - 1);
-      at::Tensor done = piece(i - 1);
-      shm->all_gather(done, header, op);
+  // From here every rank has agreed on the whole call: a rank that raises has lost a peer or a transfer,
+  // and leaves its host's ranks waiting at shared-memory barriers it will not reach. It publishes that
+  // (Note [Published failures] in shm.cpp) before it waits for its inter-host thread.
+  try {
+    if (pieces == 1) {
+      sent = cross(0);
+    } else {
+      CrossHostSteps steps(pieces, cross);
+      try {
+        steps.post(0);
+        for (int64_t i = 1; i < pieces; ++i) {
+          at::Tensor next = piece(i);
+          shm->reduce_scatter(next, header, op);
+          steps.post(i);
+          steps.wait(i - 1);
+          at::Tensor done = piece(i - 1);
+          shm->all_gather(done, header, op);
+        }
+        steps.wait(pieces - 1);
+      } catch (const std::exception& e) {
+        shm->abort(left_because(op, e));
+        throw;
+      }
+      sent = steps.sent();
     }
-    steps.wait(pieces - 1);
-    sent = steps.sent();
+    at::Tensor last = piece(pieces - 1);
+    shm->all_gather(last, header, op);
+  } catch (const std::exception& e) {
+    shm->abort(left_because(op, e));
+    throw;
   }
-  at::Tensor last = piece(pieces - 1);
-  shm->all_gather(last, header, op);
   if (!tensor.is_contiguous()) tensor.copy_(flat.view(tensor.sizes()));
   return sent;
 }

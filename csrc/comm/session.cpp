@@ -41,6 +41,12 @@ void mark_failed(const std::string& group, const std::string& why) {
 
 }  // namespace
 
+std::string group_failure(const std::string& group) {
+  std::lock_guard<std::mutex> lock(state_mutex());
+  auto it = states().find(group);
+  return it == states().end() ? std::string() : it->second.failure;
+}
+
 void release_group_state(const std::string& group) {
   std::lock_guard<std::mutex> lock(state_mutex());
   states().erase(group);
@@ -94,6 +100,20 @@ int Session::tag(int64_t seq) const {
   return kTagBase + static_cast<int>(window_ * kTagSpan + seq % kTagSpan);
 }
 
+// A header exchange that fails (Gloo's own timeout or a closed connection) says which collective and
+// group it was and the likely cause, not only Gloo's message: a rank that called another collective, or
+// the same one with another transport, is the usual reason. The group is marked failed (guarded).
+template <class F>
+void Session::with_context(const char* op, F&& f) {
+  try {
+    guarded(f);
+  } catch (const std::exception& e) {
+    std::string why = e.what();
+    TORCH_CHECK(false, op, ": the header check with the other ranks of process group '", group_, "' failed (did every ",
+                "rank call the same collective, with the same transport?): ", why.substr(0, why.find('\n')));
+  }
+}
+
 // Every rank learns every rank's header: straight from each peer where the transport allows independent
 // transfers (one round), else by a ring all-gather (n - 1 exchanges). Either way only this collective's
 // own tags are used, so nothing can cross a collective the caller runs on the same group meanwhile.
@@ -115,7 +135,7 @@ void Session::exchange_headers(const CollectiveHeader& header, const char* op, c
     std::memcpy(in.data_ptr(), mine.data(), kHeaderBytes);
     if (payload != nullptr) std::memcpy(in.data_ptr<uint8_t>() + kHeaderBytes, payload, head);
     at::Tensor out = at::empty({size_ * kFirstRowBytes}, at::kByte);  // flat: Gloo checks its chunks' shape against `in`
-    guarded([&] { transport_->all_gather(in, out)->wait(); });
+    with_context(op, [&] { transport_->all_gather(in, out)->wait(); });
     at::Tensor first = out.view({size_, kFirstRowBytes});
     at::Tensor all = at::empty({size_, kFields}, at::kLong);
     for (int q = 0; q < size_; ++q) {
@@ -133,7 +153,7 @@ void Session::exchange_headers(const CollectiveHeader& header, const char* op, c
     if (rest > 0) {
       at::Tensor tail_in = at::from_blob(const_cast<uint8_t*>(payload) + head, {rest}, at::kByte);
       tail = at::empty({size_ * rest}, at::kByte);
-      guarded([&] { transport_->all_gather(tail_in, tail)->wait(); });
+      with_context(op, [&] { transport_->all_gather(tail_in, tail)->wait(); });
       bytes_sent_ += rest * (size_ - 1);
     }
     for (int q = 0; q < size_; ++q) {
@@ -153,7 +173,9 @@ void Session::exchange_headers(const CollectiveHeader& header, const char* op, c
       ids.push_back(post_recv(all[q], q, seq));
       ids.push_back(post_send(all[rank_], q, seq));
     }
-    for (size_t id : ids) wait(id);
+    with_context(op, [&] {
+      for (size_t id : ids) wait(id);
+    });
   } else {  // NCCL: a ring all-gather of the rows, on the collective's device
     at::Tensor rows = all.to(device_);
     for (int s = 0; s < size_ - 1; ++s) {

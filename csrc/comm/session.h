@@ -69,6 +69,8 @@ class Session {
   void exchange_headers(const CollectiveHeader& header, const char* op, const at::Tensor* carry);
   template <class F>
   auto guarded(F&& f) -> decltype(f());  // a transfer that throws marks the group failed
+  template <class F>
+  void with_context(const char* op, F&& f);  // guarded, and an error that says it was the header check
 
   std::string group_;
   std::shared_ptr<Transport> transport_;
@@ -80,6 +82,9 @@ class Session {
   bool carried_ = false;
   at::Tensor rows_;  // the carried all-gather: [size, header + carry tier] bytes
 };
+
+// Why a collective on the group failed in flight ("" if none has): the group's later collectives raise.
+std::string group_failure(const std::string& group);
 
 // Forgets a group's collective numbers and failure (after the group is destroyed: a new group may reuse
 // the name).

@@ -52,10 +52,16 @@ struct alignas(64) SegmentHeader {
   std::atomic<uint32_t> sleepers;
 };
 
+constexpr int kWhyBytes = 512;
+
 struct alignas(64) RankBlock {
   std::atomic<uint64_t> arrived;  // barriers this rank has reached
   std::atomic<int32_t> pid;
   int64_t header[2][CollectiveHeader::kFields];  // by collective parity
+  // Set (once, for good) when this rank gave up on a collective part-way; `why` is written first
+  // (Note [Published failures]).
+  std::atomic<uint32_t> failed;
+  char why[kWhyBytes];
 };
 
 static_assert(std::atomic<uint64_t>::is_always_lock_free && std::atomic<uint32_t>::is_always_lock_free,
@@ -192,14 +198,51 @@ char* ShmComm::slot(int64_t round, int q) const {
   return static_cast<char*>(seg_->base) + data_offset(size_) + ((round % 2) * size_ + q) * slot_bytes_;
 }
 
+// Note [Published failures]
+// A rank that gives up on a collective part-way (a peer died or timed out, or, in the hierarchical
+// all-reduce, its inter-host step failed) leaves the others' barriers behind: its arrival counter may
+// already satisfy the barrier a late rank waits at (so the late rank would go on with data the others
+// staged for an abandoned collective), and it no longer arrives where its peers wait (so they would wait
+// out the whole timeout, or pair their barriers with its next collective). So the failure is published
+// in the segment, in this rank's block, and every wait checks every rank's flag, also once its barrier is
+// complete: from then on no rank of this host passes a barrier of this communicator.
+void ShmComm::publish_failure(const std::string& why) {
+  if (failure_.empty()) failure_ = why;
+  RankBlock* b = seg_->block(rank_);
+  if (b->failed.load(std::memory_order_acquire)) return;
+  const size_t len = std::min<size_t>(why.size(), kWhyBytes - 1);
+  std::memcpy(b->why, why.data(), len);
+  b->why[len] = '\0';
+  b->failed.store(1, std::memory_order_release);
+  SegmentHeader* h = seg_->header();
+  h->futex.fetch_add(1);  // wake sleepers so they see it now, not at their next poll
+  futex(&h->futex, FUTEX_WAKE, INT32_MAX, nullptr);
+}
+
 void ShmComm::fail(const std::string& why) {
-  failure_ = why;
+  publish_failure(why);
   TORCH_CHECK(false, why);
+}
+
+void ShmComm::abort(const std::string& why) {
+  publish_failure(why);
+}
+
+void ShmComm::check_published_failures(const char* op) {
+  for (int q = 0; q < size_; ++q) {
+    RankBlock* b = seg_->block(q);
+    if (q == rank_ || !b->failed.load(std::memory_order_acquire)) continue;
+    std::ostringstream msg;
+    msg << op << ": rank " << group_ranks_[q] << " (on this host) gave up on a shared-memory collective of this "
+        << "group: " << std::string(b->why, strnlen(b->why, kWhyBytes));
+    fail(msg.str());
+  }
 }
 
 void ShmComm::begin(const char* op) {
   TORCH_CHECK(failure_.empty(), op, ": an earlier shared-memory collective on this group failed (", failure_,
               "); the group cannot be used any more");
+  check_published_failures(op);
 }
 
 void ShmComm::check_peers(uint64_t target, double waited_s, const char* op) {
@@ -233,7 +276,7 @@ void ShmComm::wait_all(uint64_t target, const char* op) {
     return true;
   };
   for (int i = 0; i < spins_; ++i) {
-    if (ready()) return;
+    if (ready()) return check_published_failures(op);  // Note [Published failures]
     PYPARALLEL_CPU_RELAX();
   }
   using clock = std::chrono::steady_clock;
@@ -253,12 +296,14 @@ void ShmComm::wait_all(uint64_t target, const char* op) {
       }
       h->sleepers.fetch_sub(1);
     }
+    check_published_failures(op);
     const auto now = clock::now();
     if (std::chrono::duration<double>(now - checked).count() > kPeerCheckSeconds) {
       checked = now;
       check_peers(target, std::chrono::duration<double>(now - start).count(), op);
     }
   }
+  check_published_failures(op);
 }
 
 void ShmComm::arrive_and_wait(const char* op) {

@@ -27,7 +27,9 @@
 // starve each other. Alternating slot sets make one barrier per phase enough: a rank writes a set again
 // only after a barrier that every rank reached after its last read of that set. Every wait is bounded
 // by the group's timeout and checks that the ranks it waits for are alive; a failure names the rank
-// and leaves the communicator failed, so later collectives raise at once instead of hanging. The
+// and leaves the communicator failed, so later collectives raise at once instead of hanging, and it is
+// published in the segment, so the host's other ranks raise at their next wait instead of waiting for
+// this rank or passing a barrier with its stale arrival (Note [Published failures], shm.cpp). The
 // header (collective, dtype, numel, reduction) travels in the control blocks with the first barrier of
 // every collective and is checked there: no extra round trip.
 #pragma once
@@ -59,6 +61,9 @@ class ShmComm {
   int rank() const { return rank_; }
   int size() const { return size_; }
   bool failed() const { return !failure_.empty(); }  // a rank died or timed out: no collective may run
+  // Marks the communicator failed here and for every rank of this host (Note [Published failures] in
+  // shm.cpp): this rank left a collective part-way, so the others must not wait for it.
+  void abort(const std::string& why);
 
   // In place on a contiguous tensor; average divides the sum by size().
   void all_reduce(at::Tensor& flat, bool average, const char* op);
@@ -74,7 +79,9 @@ class ShmComm {
   void arrive_and_wait(const char* op);
   void wait_all(uint64_t target, const char* op);
   void check_peers(uint64_t target, double waited_s, const char* op);
-  [[noreturn]] void fail(const std::string& why);
+  [[noreturn]] void fail(const std::string& why);  // publish_failure, then raise
+  void publish_failure(const std::string& why);
+  void check_published_failures(const char* op);  // raises if another local rank published one
   void publish_header(const CollectiveHeader& header);
   void check_header(const char* op);  // after the collective's first barrier
   void begin(const char* op);         // raises if an earlier collective failed
