@@ -1,9 +1,11 @@
 """Checkpoints for elastic restarts: atomic writes, completeness, metadata checks, and torchrun resumes that
 end bitwise equal to an uninterrupted run."""
 
+import errno
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,6 +85,57 @@ def test_failed_write_leaves_the_previous_file(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         checkpoint.atomic_write(path, broken)
     assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+class _FullDisk:
+    """A file that takes ``room`` bytes, then fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        n = len(memoryview(data))
+        if n > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= n
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def test_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    # torch.save on a full disk raised "RuntimeError: [enforce fail at inline_container.cc] unexpected pos",
+    # the ENOSPC only in its context.
+    d = str(tmp_path)
+    checkpoint.save(d, 10, 0, _state(1.0), META)
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **kw: real_save(obj, _FullDisk(f, 300), *a, **kw))
+    with pytest.raises(OSError, match=r"could not write .*step-000000020/rank0\.pt: No space left on device") as exc:
+        checkpoint.save(d, 20, 0, {"model": {"w": torch.zeros(10_000)}}, META)
+    assert exc.value.errno == errno.ENOSPC
+    assert os.listdir(os.path.join(d, "step-000000020")) == [], "the temporary file is removed"
+    assert checkpoint.latest(d) == 10 and checkpoint.load(d, 0, META)[1]["step_value"] == 1.0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "not-a-checkpoint", "complete"])
+def test_damaged_checkpoint_file_is_named(tmp_path, damage):
+    # A truncated rank file failed in torch.load with "OSError: [Errno 22] Invalid argument", naming nothing.
+    d = str(tmp_path)
+    path = checkpoint.save(d, 10, 0, _state(1.0), META)
+    rank0, complete = os.path.join(path, "rank0.pt"), os.path.join(path, "COMPLETE")
+    if damage == "truncate":
+        os.truncate(rank0, os.path.getsize(rank0) // 2)
+    elif damage == "garbage":
+        with open(rank0, "wb") as f:
+            f.write(b"\x00not a zip file" * 10)
+    elif damage == "not-a-checkpoint":
+        torch.save([1, 2, 3], rank0)
+    else:
+        os.truncate(complete, os.path.getsize(complete) // 2)
+    bad = complete if damage == "complete" else rank0
+    with pytest.raises(checkpoint.CheckpointDamaged, match=f"{re.escape(bad)} is damaged .*move {re.escape(path)} aside"):
+        checkpoint.load(d, 0, META)
 
 
 def _die_while_writing(directory):
