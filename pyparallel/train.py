@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
-from . import checkpoint, hooks, reducer, tasks, train_fault_tolerant
+from . import checkpoint, consistency, hooks, reducer, tasks, train_fault_tolerant
 from .comm import Int8, Topk
 from .data_parallel import DataParallel
 from .local_sgd import DiLoCo, LocalSGD, outer_sgd
@@ -218,21 +218,42 @@ def checkpoint_metadata(args, world: int) -> dict:
     return {"world_size": world, "algorithm": args.ddp, "algo": args.algo, "task": args.task,
             "hook": args.hook if args.algo == "ddp" else None, "hook_config": hook_config if args.algo == "ddp" else {},
             "periodic": periodic if args.algo != "ddp" else {},
-            "seed": args.seed, "batch_size": args.batch_size, "model": model}
+            "seed": args.seed, "batch_size": args.batch_size, "model": model,
+            # The optimizer's state_dict carries its lr, so a resumed run would keep the checkpoint's and
+            # silently ignore another --lr: refused instead, like another outer lr.
+            "lr": args.lr}
+
+
+def resume_directory(args) -> tuple[str | None, str | None]:
+    """(directory, option): where this run resumes from, and the option that named it (--resume, or
+    --checkpoint-dir when it holds a complete checkpoint), or (None, None) for a fresh start."""
+    if args.resume is not None:
+        return args.resume, "--resume"
+    if args.checkpoint_dir and checkpoint.latest(args.checkpoint_dir) is not None:
+        return args.checkpoint_dir, "--checkpoint-dir"
+    return None, None
 
 
 def _resume(args, rank: int, world: int, model, optimizer, state) -> int:
-    """Loads the checkpoint to resume from, if any; returns the step to continue at (0: from scratch)."""
-    directory = args.resume
-    if directory is None and args.checkpoint_dir and checkpoint.latest(args.checkpoint_dir) is not None:
-        directory = args.checkpoint_dir
-    if directory is None:
-        return 0
-    step, ckpt = checkpoint.load(directory, rank, checkpoint_metadata(args, world))
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if state is not None:  # LocalSGD / DiLoCo keep theirs in the optimizer's state
-        state.load_state_dict(ckpt["hook"])
+    """Loads the checkpoint to resume from, if any; returns the step to continue at (0: from scratch).
+
+    Every rank loads its own file, then the ranks compare outcomes (one small all-gather) and raise the same
+    error together: a rank whose file is missing or damaged used to fail alone while the others trained on
+    into their first collective and waited there, and ranks that see different newest checkpoints (a
+    directory not shared between hosts) would have resumed from different steps."""
+    directory, _ = resume_directory(args)
+    try:
+        step = 0
+        if directory is not None:
+            step, ckpt = checkpoint.load(directory, rank, checkpoint_metadata(args, world))
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if state is not None:  # LocalSGD / DiLoCo keep theirs in the optimizer's state
+                state.load_state_dict(ckpt["hook"])
+        outcome = step
+    except Exception as exc:  # noqa: BLE001  (sent to the other ranks, then raised here)
+        outcome = exc
+    consistency.check_same(outcome, None, f"pyparallel.train: the step to resume from {directory}")
     return step
 
 
@@ -259,19 +280,30 @@ def parameter_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def check_run(args, world: int, resume_step: int | None = None, task=None) -> None:
+def check_run(args, world: int, resume_step: int | None = None, task=None, resume_option: str = "--resume") -> None:
     """Raises ValueError for a configuration that cannot train (argparse has checked each value alone):
-    a batch larger than a rank's share of the data, or a checkpoint already at the last epoch."""
+    a batch larger than a rank's share of the data, a checkpoint (``resume_step``, found through
+    ``resume_option``) already at the last epoch or at --max-steps, or checkpoints of a hook state that
+    cannot be saved."""
     resolve_defaults(args)
     task = task or tasks.get(args.task)(args)
     if task.steps_per_epoch(world) < 1:
         n_train = len(task.x_train)
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {n_train // world} training samples of "
                          f"each of the {world} ranks")
+    if (args.checkpoint_dir or args.checkpoint or args.resume) and args.algo == "ddp" and args.hook == "torch-powersgd":
+        # Found otherwise at the first save, after a whole epoch (AttributeError: no state_dict).
+        raise ValueError("--hook torch-powersgd cannot be checkpointed (torch's PowerSGDState has no state_dict): "
+                         "use --hook powersgd, pyparallel's, whose state is saved and resumed bitwise")
     steps_per_epoch = task.steps_per_epoch(world)
+    # Nothing to train would end without an evaluation (the summary crashed on it, --checkpoint-dir) or
+    # train one step past --max-steps: refused, whichever option found the checkpoint.
     if resume_step is not None and resume_step >= args.epochs * steps_per_epoch:
-        raise ValueError(f"--resume: the checkpoint is at step {resume_step} (epoch {resume_step // steps_per_epoch} "
+        raise ValueError(f"{resume_option}: the checkpoint is at step {resume_step} (epoch {resume_step // steps_per_epoch} "
                          f"of {args.epochs}): nothing left to train (raise --epochs)")
+    if resume_step is not None and args.max_steps is not None and resume_step >= args.max_steps:
+        raise ValueError(f"{resume_option}: the checkpoint is at step {resume_step}, --max-steps is {args.max_steps}: "
+                         "nothing left to train (raise --max-steps)")
 
 
 def _bytes_sent(state, optimizer) -> int | None:
@@ -294,7 +326,8 @@ def run(args, wire_bytes=None) -> dict:
     task = tasks.get(args.task)(args)
     model, wrapped, state, optimizer = build(args, device, task)
     step = resumed_from = _resume(args, rank, world, model, optimizer, state)
-    check_run(args, world, step if args.resume else None, task)
+    source = resume_directory(args)[1]
+    check_run(args, world, step if source else None, task, source or "--resume")
     periodic = args.algo != "ddp"
     # LocalSGD / DiLoCo: evaluate the consensus model (the anchor) in a copy, without disturbing training.
     eval_model = copy.deepcopy(model) if periodic else model
@@ -467,12 +500,13 @@ def main(argv=None) -> None:
     if args.nproc:
         # Checked here, before any rank starts (under torchrun every rank checks the same in run()).
         resume_step = None
-        if args.resume:
-            resume_step = checkpoint.latest(args.resume) if os.path.isdir(args.resume) else None
+        directory, source = resume_directory(args)
+        if directory is not None:
+            resume_step = checkpoint.latest(directory) if os.path.isdir(directory) else None
             if resume_step is None:
                 p.error(f"--resume: no complete checkpoint in {args.resume}")
         try:
-            check_run(args, args.nproc, resume_step)
+            check_run(args, args.nproc, resume_step, resume_option=source or "--resume")
         except ValueError as exc:
             p.error(str(exc))
         import torch.multiprocessing as mp

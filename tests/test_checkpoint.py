@@ -242,3 +242,59 @@ def test_resume_with_another_world_size_is_refused(dist_pool, tmp_path):
         checkpoint.load(str(tmp_path), 0, checkpoint_metadata(args, 1))
     with pytest.raises(checkpoint.CheckpointMismatch, match="hook: checkpoint has 'int8', this run has 'topk'"):
         checkpoint.load(str(tmp_path), 0, checkpoint_metadata(parser().parse_args(argv + ["--hook", "topk"]), 2))
+
+
+# ---- resuming through pyparallel.train: every rank fails together, with a clear error ----
+
+def _train_error(overrides):
+    """pyparallel.train.run in a pool worker (ring transport, one thread): None, or its error as text."""
+    args = parser().parse_args(["--transport", "ring", "--no-progress", "--threads", "1"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    try:
+        run(args)
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def test_resume_with_one_ranks_file_damaged_or_missing_fails_on_every_rank(dist_pool, tmp_path):
+    # Rank 1 raised alone while rank 0 trained on into its first all-reduce and waited there (the group's
+    # timeout, 30 s in the pool); now both raise at once, rank 0 naming rank 1's error.
+    pool, d = dist_pool(2), str(tmp_path / "ckpt")
+    opts = dict(hidden=8, epochs=1, max_steps=4, checkpoint_every=2, checkpoint_dir=d)
+    assert pool.run(_train_error, opts, timeout=60) == [None, None]
+    rank1 = os.path.join(d, "step-000000004", "rank1.pt")
+    os.truncate(rank1, os.path.getsize(rank1) // 2)
+    for damaged in (True, False):
+        errors = pool.run(_train_error, dict(opts, max_steps=6), timeout=25)
+        expect = f"CheckpointDamaged: checkpoint: {rank1} is damaged" if damaged else "has no file for rank 1"
+        assert expect in errors[1], errors
+        assert "rank 1 rejected it" in errors[0] and expect in errors[0], errors
+        if damaged:
+            os.remove(rank1)
+
+
+def test_resume_with_nothing_left_to_train_or_another_lr_is_refused(dist_pool, tmp_path, capsys):
+    from pyparallel.train import check_run, main
+
+    pool, d = dist_pool(2), str(tmp_path / "ckpt")
+    opts = dict(hidden=8, epochs=1, checkpoint_dir=d)
+    assert pool.run(_train_error, opts, timeout=60) == [None, None]  # 22 steps, checkpointed at the end
+    # The same command again (torchrun restarting a job that died after its last checkpoint) returned no
+    # evaluation, and the summary crashed on it (TypeError).
+    for msg in pool.run(_train_error, opts, timeout=60):
+        assert msg is not None and "--checkpoint-dir: the checkpoint is at step 22 (epoch 1 of 1): nothing left" in msg
+    # --max-steps at or below the checkpoint's step trained one step more.
+    for msg in pool.run(_train_error, dict(opts, epochs=2, max_steps=22), timeout=60):
+        assert msg is not None and "the checkpoint is at step 22, --max-steps is 22: nothing left to train" in msg
+    # Another --lr was ignored: the optimizer's state_dict brought back the checkpoint's.
+    for msg in pool.run(_train_error, dict(opts, epochs=2, lr=0.01), timeout=60):
+        assert msg is not None and "lr: checkpoint has 0.05, this run has 0.01" in msg, msg
+    with pytest.raises(SystemExit):  # the --nproc launcher checks before it starts any rank
+        main(["--nproc", "2", "--epochs", "1", "--hidden", "8", "--checkpoint-dir", d, "--no-progress"])
+    assert "--checkpoint-dir: the checkpoint is at step 22 (epoch 1 of 1): nothing left" in capsys.readouterr().err
+    # torch's PowerSGD state cannot be saved: refused before training, not after the first epoch.
+    args = parser().parse_args(["--hook", "torch-powersgd", "--ddp", "torch", "--checkpoint", d])
+    with pytest.raises(ValueError, match="--hook torch-powersgd cannot be checkpointed"):
+        check_run(args, 2)
