@@ -90,6 +90,9 @@ positive_int = _checked("a positive int", lambda v: v >= 1, int)
 non_negative_int = _checked("a non-negative int", lambda v: v >= 0, int)
 positive_float = _checked("a finite positive number", lambda v: math.isfinite(v) and v > 0, float)
 fraction = _checked("in (0, 1]", lambda v: 0 < v <= 1, float)
+# Outer momentum: torch's SGD refuses a negative one only once DiLoCo builds it, and nan or >= 1 trained on
+# silently to a nan or diverging model.
+momentum = _checked("a number in [0, 1)", lambda v: 0 <= v < 1, float)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,7 +118,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-windows", type=positive_int, default=256, help="charlm: held-out windows evaluated")
     p.add_argument("--sync-every", type=positive_int, default=20, help="localsgd / diloco: inner steps H between syncs")
     p.add_argument("--outer-lr", type=positive_float, default=0.7, help="diloco: outer SGD learning rate")
-    p.add_argument("--outer-momentum", type=float, default=0.9, help="diloco: outer momentum (Nesterov when > 0)")
+    p.add_argument("--outer-momentum", type=momentum, default=0.9, help="diloco: outer momentum (Nesterov when > 0)")
     p.add_argument("--compression", choices=["none", "int8", "topk"], default="none",
                    help="localsgd / diloco: compression of the periodic all-reduce (--block-size, --ratio)")
     p.add_argument("--overlap", action="store_true",
@@ -484,9 +487,55 @@ def _main_in_group(args) -> None:
     dist.destroy_process_group()
 
 
+def _relevant(args) -> list[tuple[str, bool, str]]:
+    """(dest, whether the option takes effect with ``args``, where it does), in order. An option given where
+    it does nothing used to be ignored silently (--steps-per-epoch with digits trained whole epochs,
+    --overlap with --algo ddp trained without overlap, --max-restarts without --fault-tolerant is torchrun's
+    option put after the module), so main() refuses it, saying where it applies."""
+    ddp, periodic, ft = args.algo == "ddp", args.algo != "ddp", args.fault_tolerant
+    topk = (ddp and args.hook == "topk") or (periodic and args.compression == "topk")
+    int8 = (ddp and args.hook == "int8") or (periodic and args.compression == "int8")
+    saving = bool(args.checkpoint_dir or args.checkpoint)
+    rules = {  # (in order: the first option that does nothing is named)
+        "replicas ranks_per_replica lighthouse min_replicas max_restarts log_dir kill_local_rank":
+            (ft, "only with --fault-tolerant; torchrun's own --max-restarts goes before -m pyparallel.train"),
+        "checkpoint_dir checkpoint resume nproc max_seconds": (not ft, "ignored with --fault-tolerant, whose "
+                                                                       "replicas heal from live peers, without "
+                                                                       "checkpoints"),
+        "sync_every compression overlap fragments": (periodic, "only with --algo localsgd or diloco"),
+        "overlap_steps": (periodic and args.overlap, "only with --overlap"),
+        "outer_lr outer_momentum": (args.algo == "diloco", "only with --algo diloco"),
+        "hook ddp bucket_cap_mb": (ddp, "only with --algo ddp"),
+        "warmup_steps": (ddp and args.hook == "topk", "only with --hook topk"),
+        "powersgd_rank powersgd_start_iter": (ddp and args.hook in ("powersgd", "torch-powersgd"),
+                                              "only with --hook powersgd or torch-powersgd"),
+        "ratio": (topk, "only with --hook topk (--algo ddp) or --compression topk"),
+        "block_size": (int8, "only with --hook int8 (--algo ddp) or --compression int8"),
+        "hidden layers": (args.task == "digits", "only with --task digits"),
+        "context d_model n_layers n_heads steps_per_epoch val_windows": (args.task == "charlm", "only with --task charlm"),
+        "checkpoint_every keep_checkpoints": (saving, "only with --checkpoint-dir or --checkpoint"),
+        "checkpoint": (not args.checkpoint_dir, "ignored with --checkpoint-dir, where checkpoints go"),
+    }
+    return [(dest, applies, needs) for dests, (applies, needs) in rules.items() for dest in dests.split()]
+
+
+def check_options_apply(p: argparse.ArgumentParser, args, argv) -> None:
+    """Exits with a usage error naming the first option given on the command line that does nothing with
+    the others (see :func:`_relevant`); options left at their defaults are not checked."""
+    unset, marker = parser(), object()  # the same options, every default a marker: the others were given
+    unset.set_defaults(**dict.fromkeys(vars(args), marker))
+    given = {dest for dest, value in vars(unset.parse_args(argv)).items() if value is not marker}
+    for dest, applies, needs in _relevant(args):
+        if dest in given and not applies:
+            p.error(f"--{dest.replace('_', '-')} has no effect here ({needs})")
+
+
 def main(argv=None) -> None:
     p = parser()
     args = p.parse_args(argv)
+    check_options_apply(p, args, argv)
+    if args.fault_tolerant:  # before the thread count below divides by --replicas
+        train_fault_tolerant.check_arguments(args)
     if args.threads is None:  # ranks share the machine's cores
         world = (args.replicas * args.ranks_per_replica if args.fault_tolerant else
                  args.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
