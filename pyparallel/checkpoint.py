@@ -90,6 +90,20 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def check_writable(directory: str, what: str = "checkpoint directory", create: bool = True) -> None:
+    """Creates ``directory`` if needed (``create``) and writes and removes a probe file in it; raises OSError
+    naming ``what`` and the directory if that fails. Called before training: a read-only or missing directory was
+    otherwise found at the first save, after K steps or a whole epoch of training."""
+    try:
+        if create:
+            os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what} {directory} is not writable: {exc.strerror}") from exc
+
+
 def _step_dir(directory: str, step: int) -> str:
     return os.path.join(directory, f"step-{step:09d}")
 
@@ -97,7 +111,7 @@ def _step_dir(directory: str, step: int) -> str:
 def _steps(directory: str) -> list[int]:
     try:
         names = os.listdir(directory)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no checkpoints there (saving there says why it cannot)
         return []
     return sorted(int(m.group(1)) for m in map(_STEP_DIR.match, names) if m)
 

@@ -243,10 +243,15 @@ def _resume(args, rank: int, world: int, model, optimizer, state) -> int:
     Every rank loads its own file, then the ranks compare outcomes (one small all-gather) and raise the same
     error together: a rank whose file is missing or damaged used to fail alone while the others trained on
     into their first collective and waited there, and ranks that see different newest checkpoints (a
-    directory not shared between hosts) would have resumed from different steps."""
-    directory, _ = resume_directory(args)
+    directory not shared between hosts) would have resumed from different steps. The directories this run
+    will write to are checked here too, before training rather than at the first save."""
+    directory, step = None, 0
     try:
-        step = 0
+        directory, _ = resume_directory(args)
+        if args.checkpoint_dir or args.checkpoint:  # (every rank writes there; rank 0 alone the summary)
+            checkpoint.check_writable(args.checkpoint_dir or args.checkpoint)
+        if args.json and rank == 0:
+            checkpoint.check_writable(os.path.dirname(os.path.abspath(args.json)), "--json: directory", create=False)
         if directory is not None:
             step, ckpt = checkpoint.load(directory, rank, checkpoint_metadata(args, world))
             model.load_state_dict(ckpt["model"])
@@ -256,7 +261,8 @@ def _resume(args, rank: int, world: int, model, optimizer, state) -> int:
         outcome = step
     except Exception as exc:  # noqa: BLE001  (sent to the other ranks, then raised here)
         outcome = exc
-    consistency.check_same(outcome, None, f"pyparallel.train: the step to resume from {directory}")
+    consistency.check_same(outcome, None, f"pyparallel.train: the step to resume from (checkpoints in {directory})"
+                           if directory else "pyparallel.train: preparing the output directories")
     return step
 
 

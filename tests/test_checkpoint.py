@@ -298,3 +298,16 @@ def test_resume_with_nothing_left_to_train_or_another_lr_is_refused(dist_pool, t
     args = parser().parse_args(["--hook", "torch-powersgd", "--ddp", "torch", "--checkpoint", d])
     with pytest.raises(ValueError, match="--hook torch-powersgd cannot be checkpointed"):
         check_run(args, 2)
+
+
+def test_unwritable_output_directories_fail_before_training(dist_pool, tmp_path):
+    # Found at the first save (after K steps or a whole epoch) or, for --json, by rank 0 after training.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    opts = dict(hidden=8, epochs=1, max_steps=2, checkpoint_every=2, checkpoint_dir=str(blocker / "ckpt"))
+    for msg in dist_pool(2).run(_train_error, opts, timeout=60):
+        assert msg is not None and f"checkpoint directory {blocker / 'ckpt'} is not writable" in msg, msg
+    out = tmp_path / "missing" / "out.json"
+    errors = dist_pool(2).run(_train_error, dict(hidden=8, epochs=1, max_steps=2, json=str(out)), timeout=60)
+    assert f"--json: directory {out.parent} is not writable: No such file or directory" in errors[0], errors
+    assert "rank 0 rejected it" in errors[1], errors
