@@ -10,6 +10,7 @@ reader sees the old file or the new one, never a torn one, even across a power c
 The metadata (format version, world size, data-parallel algorithm, hook kind and settings, step, ...)
 is checked on resume: a checkpoint written by a different configuration raises :class:`CheckpointMismatch`
 naming each field that differs, instead of loading residuals into the wrong ranks.
+A file that cannot be parsed (changed after it was written) raises :class:`CheckpointDamaged` naming it.
 
 Example::
 
@@ -22,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -40,6 +42,10 @@ class CheckpointMismatch(ValueError):
     """The checkpoint was written by a run whose configuration differs from this one's."""
 
 
+class CheckpointDamaged(ValueError):
+    """A file of the checkpoint cannot be parsed (truncated or changed after it was written)."""
+
+
 def atomic_write(path: str, write) -> None:
     """Calls ``write(file)`` on a temporary file next to ``path`` and renames it over ``path`` once it is
     durable: the file at ``path`` is the old one or the complete new one, whenever the process dies."""
@@ -51,13 +57,29 @@ def atomic_write(path: str, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        cause = _os_error(exc)
+        if cause is not None and not isinstance(exc, OSError):
+            # torch.save on a full disk ends with "RuntimeError: [enforce fail at inline_container.cc]
+            # unexpected pos ...", the ENOSPC only in its context: name the file and the OS's reason.
+            raise OSError(cause.errno, f"checkpoint: could not write {path}: {cause.strerror}") from exc
         raise
     _fsync_dir(directory)  # makes the rename itself durable
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """The first OSError in ``exc``'s chain of causes and contexts, or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _fsync_dir(directory: str) -> None:
@@ -68,6 +90,20 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def check_writable(directory: str, what: str = "checkpoint directory", create: bool = True) -> None:
+    """Creates ``directory`` if needed (``create``) and writes and removes a probe file in it; raises OSError
+    naming ``what`` and the directory if that fails. Called before training: a read-only or missing directory was
+    otherwise found at the first save, after K steps or a whole epoch of training."""
+    try:
+        if create:
+            os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what} {directory} is not writable: {exc.strerror}") from exc
+
+
 def _step_dir(directory: str, step: int) -> str:
     return os.path.join(directory, f"step-{step:09d}")
 
@@ -75,7 +111,7 @@ def _step_dir(directory: str, step: int) -> str:
 def _steps(directory: str) -> list[int]:
     try:
         names = os.listdir(directory)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no checkpoints there (saving there says why it cannot)
         return []
     return sorted(int(m.group(1)) for m in map(_STEP_DIR.match, names) if m)
 
@@ -154,13 +190,28 @@ def load(directory: str, rank: int, expected: dict, step: int | None = None) -> 
     complete = os.path.join(path, _COMPLETE)
     if not os.path.exists(complete):
         raise FileNotFoundError(f"checkpoint: {path} is not complete (no {_COMPLETE} file)")
-    with open(complete) as f:
-        meta = json.load(f)
+    # A damaged file (truncated or overwritten outside this module, whose writes are atomic) used to fail
+    # in torch.load with "OSError: [Errno 22] Invalid argument" or a zip error naming no file.
+    damaged = (f"checkpoint: {{}} is damaged ({{}}); move {path} aside to resume from the checkpoint before it")
+    try:
+        with open(complete) as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError(f"not a JSON object but {type(meta).__name__}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointDamaged(damaged.format(complete, exc)) from exc
     check_metadata(meta, expected, path)
     rank_file = os.path.join(path, f"rank{rank}.pt")
     if not os.path.exists(rank_file):
         raise FileNotFoundError(f"checkpoint: {path} has no file for rank {rank} (world size {meta['world_size']})")
-    blob = torch.load(rank_file, weights_only=False)
+    try:
+        blob = torch.load(rank_file, weights_only=False)
+    except Exception as exc:  # noqa: BLE001  (torch raises OSError, RuntimeError, UnpicklingError, EOFError...)
+        if isinstance(exc, OSError) and exc.errno not in (None, errno.EINVAL):
+            raise  # unreadable, not damaged (permissions, I/O error): the OS's own message names the file
+        raise CheckpointDamaged(damaged.format(rank_file, f"{type(exc).__name__}: {exc}")) from exc
+    if not isinstance(blob, dict) or not {"metadata", "state"} <= blob.keys():
+        raise CheckpointDamaged(damaged.format(rank_file, "not a pyparallel checkpoint file"))
     if blob["metadata"] != meta:
         raise CheckpointMismatch(f"checkpoint: {rank_file} belongs to another run than {complete} "
                                  f"({blob['metadata']} vs {meta})")

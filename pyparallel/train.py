@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
-from . import checkpoint, hooks, reducer, tasks, train_fault_tolerant
+from . import checkpoint, consistency, hooks, reducer, tasks, train_fault_tolerant
 from .comm import Int8, Topk
 from .data_parallel import DataParallel
 from .local_sgd import DiLoCo, LocalSGD, outer_sgd
@@ -90,6 +90,9 @@ positive_int = _checked("a positive int", lambda v: v >= 1, int)
 non_negative_int = _checked("a non-negative int", lambda v: v >= 0, int)
 positive_float = _checked("a finite positive number", lambda v: math.isfinite(v) and v > 0, float)
 fraction = _checked("in (0, 1]", lambda v: 0 < v <= 1, float)
+# Outer momentum: torch's SGD refuses a negative one only once DiLoCo builds it, and nan or >= 1 trained on
+# silently to a nan or diverging model.
+momentum = _checked("a number in [0, 1)", lambda v: 0 <= v < 1, float)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,7 +118,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-windows", type=positive_int, default=256, help="charlm: held-out windows evaluated")
     p.add_argument("--sync-every", type=positive_int, default=20, help="localsgd / diloco: inner steps H between syncs")
     p.add_argument("--outer-lr", type=positive_float, default=0.7, help="diloco: outer SGD learning rate")
-    p.add_argument("--outer-momentum", type=float, default=0.9, help="diloco: outer momentum (Nesterov when > 0)")
+    p.add_argument("--outer-momentum", type=momentum, default=0.9, help="diloco: outer momentum (Nesterov when > 0)")
     p.add_argument("--compression", choices=["none", "int8", "topk"], default="none",
                    help="localsgd / diloco: compression of the periodic all-reduce (--block-size, --ratio)")
     p.add_argument("--overlap", action="store_true",
@@ -218,21 +221,48 @@ def checkpoint_metadata(args, world: int) -> dict:
     return {"world_size": world, "algorithm": args.ddp, "algo": args.algo, "task": args.task,
             "hook": args.hook if args.algo == "ddp" else None, "hook_config": hook_config if args.algo == "ddp" else {},
             "periodic": periodic if args.algo != "ddp" else {},
-            "seed": args.seed, "batch_size": args.batch_size, "model": model}
+            "seed": args.seed, "batch_size": args.batch_size, "model": model,
+            # The optimizer's state_dict carries its lr, so a resumed run would keep the checkpoint's and
+            # silently ignore another --lr: refused instead, like another outer lr.
+            "lr": args.lr}
+
+
+def resume_directory(args) -> tuple[str | None, str | None]:
+    """(directory, option): where this run resumes from, and the option that named it (--resume, or
+    --checkpoint-dir when it holds a complete checkpoint), or (None, None) for a fresh start."""
+    if args.resume is not None:
+        return args.resume, "--resume"
+    if args.checkpoint_dir and checkpoint.latest(args.checkpoint_dir) is not None:
+        return args.checkpoint_dir, "--checkpoint-dir"
+    return None, None
 
 
 def _resume(args, rank: int, world: int, model, optimizer, state) -> int:
-    """Loads the checkpoint to resume from, if any; returns the step to continue at (0: from scratch)."""
-    directory = args.resume
-    if directory is None and args.checkpoint_dir and checkpoint.latest(args.checkpoint_dir) is not None:
-        directory = args.checkpoint_dir
-    if directory is None:
-        return 0
-    step, ckpt = checkpoint.load(directory, rank, checkpoint_metadata(args, world))
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if state is not None:  # LocalSGD / DiLoCo keep theirs in the optimizer's state
-        state.load_state_dict(ckpt["hook"])
+    """Loads the checkpoint to resume from, if any; returns the step to continue at (0: from scratch).
+
+    Every rank loads its own file, then the ranks compare outcomes (one small all-gather) and raise the same
+    error together: a rank whose file is missing or damaged used to fail alone while the others trained on
+    into their first collective and waited there, and ranks that see different newest checkpoints (a
+    directory not shared between hosts) would have resumed from different steps. The directories this run
+    will write to are checked here too, before training rather than at the first save."""
+    directory, step = None, 0
+    try:
+        directory, _ = resume_directory(args)
+        if args.checkpoint_dir or args.checkpoint:  # (every rank writes there; rank 0 alone the summary)
+            checkpoint.check_writable(args.checkpoint_dir or args.checkpoint)
+        if args.json and rank == 0:
+            checkpoint.check_writable(os.path.dirname(os.path.abspath(args.json)), "--json: directory", create=False)
+        if directory is not None:
+            step, ckpt = checkpoint.load(directory, rank, checkpoint_metadata(args, world))
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if state is not None:  # LocalSGD / DiLoCo keep theirs in the optimizer's state
+                state.load_state_dict(ckpt["hook"])
+        outcome = step
+    except Exception as exc:  # noqa: BLE001  (sent to the other ranks, then raised here)
+        outcome = exc
+    consistency.check_same(outcome, None, f"pyparallel.train: the step to resume from (checkpoints in {directory})"
+                           if directory else "pyparallel.train: preparing the output directories")
     return step
 
 
@@ -259,19 +289,30 @@ def parameter_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def check_run(args, world: int, resume_step: int | None = None, task=None) -> None:
+def check_run(args, world: int, resume_step: int | None = None, task=None, resume_option: str = "--resume") -> None:
     """Raises ValueError for a configuration that cannot train (argparse has checked each value alone):
-    a batch larger than a rank's share of the data, or a checkpoint already at the last epoch."""
+    a batch larger than a rank's share of the data, a checkpoint (``resume_step``, found through
+    ``resume_option``) already at the last epoch or at --max-steps, or checkpoints of a hook state that
+    cannot be saved."""
     resolve_defaults(args)
     task = task or tasks.get(args.task)(args)
     if task.steps_per_epoch(world) < 1:
         n_train = len(task.x_train)
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {n_train // world} training samples of "
                          f"each of the {world} ranks")
+    if (args.checkpoint_dir or args.checkpoint or args.resume) and args.algo == "ddp" and args.hook == "torch-powersgd":
+        # Found otherwise at the first save, after a whole epoch (AttributeError: no state_dict).
+        raise ValueError("--hook torch-powersgd cannot be checkpointed (torch's PowerSGDState has no state_dict): "
+                         "use --hook powersgd, pyparallel's, whose state is saved and resumed bitwise")
     steps_per_epoch = task.steps_per_epoch(world)
+    # Nothing to train would end without an evaluation (the summary crashed on it, --checkpoint-dir) or
+    # train one step past --max-steps: refused, whichever option found the checkpoint.
     if resume_step is not None and resume_step >= args.epochs * steps_per_epoch:
-        raise ValueError(f"--resume: the checkpoint is at step {resume_step} (epoch {resume_step // steps_per_epoch} "
+        raise ValueError(f"{resume_option}: the checkpoint is at step {resume_step} (epoch {resume_step // steps_per_epoch} "
                          f"of {args.epochs}): nothing left to train (raise --epochs)")
+    if resume_step is not None and args.max_steps is not None and resume_step >= args.max_steps:
+        raise ValueError(f"{resume_option}: the checkpoint is at step {resume_step}, --max-steps is {args.max_steps}: "
+                         "nothing left to train (raise --max-steps)")
 
 
 def _bytes_sent(state, optimizer) -> int | None:
@@ -294,7 +335,8 @@ def run(args, wire_bytes=None) -> dict:
     task = tasks.get(args.task)(args)
     model, wrapped, state, optimizer = build(args, device, task)
     step = resumed_from = _resume(args, rank, world, model, optimizer, state)
-    check_run(args, world, step if args.resume else None, task)
+    source = resume_directory(args)[1]
+    check_run(args, world, step if source else None, task, source or "--resume")
     periodic = args.algo != "ddp"
     # LocalSGD / DiLoCo: evaluate the consensus model (the anchor) in a copy, without disturbing training.
     eval_model = copy.deepcopy(model) if periodic else model
@@ -451,9 +493,55 @@ def _main_in_group(args) -> None:
     dist.destroy_process_group()
 
 
+def _relevant(args) -> list[tuple[str, bool, str]]:
+    """(dest, whether the option takes effect with ``args``, where it does), in order. An option given where
+    it does nothing used to be ignored silently (--steps-per-epoch with digits trained whole epochs,
+    --overlap with --algo ddp trained without overlap, --max-restarts without --fault-tolerant is torchrun's
+    option put after the module), so main() refuses it, saying where it applies."""
+    ddp, periodic, ft = args.algo == "ddp", args.algo != "ddp", args.fault_tolerant
+    topk = (ddp and args.hook == "topk") or (periodic and args.compression == "topk")
+    int8 = (ddp and args.hook == "int8") or (periodic and args.compression == "int8")
+    saving = bool(args.checkpoint_dir or args.checkpoint)
+    rules = {  # (in order: the first option that does nothing is named)
+        "replicas ranks_per_replica lighthouse min_replicas max_restarts log_dir kill_local_rank":
+            (ft, "only with --fault-tolerant; torchrun's own --max-restarts goes before -m pyparallel.train"),
+        "checkpoint_dir checkpoint resume nproc max_seconds": (not ft, "ignored with --fault-tolerant, whose "
+                                                                       "replicas heal from live peers, without "
+                                                                       "checkpoints"),
+        "sync_every compression overlap fragments": (periodic, "only with --algo localsgd or diloco"),
+        "overlap_steps": (periodic and args.overlap, "only with --overlap"),
+        "outer_lr outer_momentum": (args.algo == "diloco", "only with --algo diloco"),
+        "hook ddp bucket_cap_mb": (ddp, "only with --algo ddp"),
+        "warmup_steps": (ddp and args.hook == "topk", "only with --hook topk"),
+        "powersgd_rank powersgd_start_iter": (ddp and args.hook in ("powersgd", "torch-powersgd"),
+                                              "only with --hook powersgd or torch-powersgd"),
+        "ratio": (topk, "only with --hook topk (--algo ddp) or --compression topk"),
+        "block_size": (int8, "only with --hook int8 (--algo ddp) or --compression int8"),
+        "hidden layers": (args.task == "digits", "only with --task digits"),
+        "context d_model n_layers n_heads steps_per_epoch val_windows": (args.task == "charlm", "only with --task charlm"),
+        "checkpoint_every keep_checkpoints": (saving, "only with --checkpoint-dir or --checkpoint"),
+        "checkpoint": (not args.checkpoint_dir, "ignored with --checkpoint-dir, where checkpoints go"),
+    }
+    return [(dest, applies, needs) for dests, (applies, needs) in rules.items() for dest in dests.split()]
+
+
+def check_options_apply(p: argparse.ArgumentParser, args, argv) -> None:
+    """Exits with a usage error naming the first option given on the command line that does nothing with
+    the others (see :func:`_relevant`); options left at their defaults are not checked."""
+    unset, marker = parser(), object()  # the same options, every default a marker: the others were given
+    unset.set_defaults(**dict.fromkeys(vars(args), marker))
+    given = {dest for dest, value in vars(unset.parse_args(argv)).items() if value is not marker}
+    for dest, applies, needs in _relevant(args):
+        if dest in given and not applies:
+            p.error(f"--{dest.replace('_', '-')} has no effect here ({needs})")
+
+
 def main(argv=None) -> None:
     p = parser()
     args = p.parse_args(argv)
+    check_options_apply(p, args, argv)
+    if args.fault_tolerant:  # before the thread count below divides by --replicas
+        train_fault_tolerant.check_arguments(args)
     if args.threads is None:  # ranks share the machine's cores
         world = (args.replicas * args.ranks_per_replica if args.fault_tolerant else
                  args.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -467,12 +555,13 @@ def main(argv=None) -> None:
     if args.nproc:
         # Checked here, before any rank starts (under torchrun every rank checks the same in run()).
         resume_step = None
-        if args.resume:
-            resume_step = checkpoint.latest(args.resume) if os.path.isdir(args.resume) else None
+        directory, source = resume_directory(args)
+        if directory is not None:
+            resume_step = checkpoint.latest(directory) if os.path.isdir(directory) else None
             if resume_step is None:
                 p.error(f"--resume: no complete checkpoint in {args.resume}")
         try:
-            check_run(args, args.nproc, resume_step)
+            check_run(args, args.nproc, resume_step, resume_option=source or "--resume")
         except ValueError as exc:
             p.error(str(exc))
         import torch.multiprocessing as mp

@@ -1,9 +1,11 @@
 """Checkpoints for elastic restarts: atomic writes, completeness, metadata checks, and torchrun resumes that
 end bitwise equal to an uninterrupted run."""
 
+import errno
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,6 +85,57 @@ def test_failed_write_leaves_the_previous_file(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         checkpoint.atomic_write(path, broken)
     assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+class _FullDisk:
+    """A file that takes ``room`` bytes, then fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        n = len(memoryview(data))
+        if n > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= n
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def test_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    # torch.save on a full disk raised "RuntimeError: [enforce fail at inline_container.cc] unexpected pos",
+    # the ENOSPC only in its context.
+    d = str(tmp_path)
+    checkpoint.save(d, 10, 0, _state(1.0), META)
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **kw: real_save(obj, _FullDisk(f, 300), *a, **kw))
+    with pytest.raises(OSError, match=r"could not write .*step-000000020/rank0\.pt: No space left on device") as exc:
+        checkpoint.save(d, 20, 0, {"model": {"w": torch.zeros(10_000)}}, META)
+    assert exc.value.errno == errno.ENOSPC
+    assert os.listdir(os.path.join(d, "step-000000020")) == [], "the temporary file is removed"
+    assert checkpoint.latest(d) == 10 and checkpoint.load(d, 0, META)[1]["step_value"] == 1.0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "not-a-checkpoint", "complete"])
+def test_damaged_checkpoint_file_is_named(tmp_path, damage):
+    # A truncated rank file failed in torch.load with "OSError: [Errno 22] Invalid argument", naming nothing.
+    d = str(tmp_path)
+    path = checkpoint.save(d, 10, 0, _state(1.0), META)
+    rank0, complete = os.path.join(path, "rank0.pt"), os.path.join(path, "COMPLETE")
+    if damage == "truncate":
+        os.truncate(rank0, os.path.getsize(rank0) // 2)
+    elif damage == "garbage":
+        with open(rank0, "wb") as f:
+            f.write(b"\x00not a zip file" * 10)
+    elif damage == "not-a-checkpoint":
+        torch.save([1, 2, 3], rank0)
+    else:
+        os.truncate(complete, os.path.getsize(complete) // 2)
+    bad = complete if damage == "complete" else rank0
+    with pytest.raises(checkpoint.CheckpointDamaged, match=f"{re.escape(bad)} is damaged .*move {re.escape(path)} aside"):
+        checkpoint.load(d, 0, META)
 
 
 def _die_while_writing(directory):
@@ -189,3 +242,72 @@ def test_resume_with_another_world_size_is_refused(dist_pool, tmp_path):
         checkpoint.load(str(tmp_path), 0, checkpoint_metadata(args, 1))
     with pytest.raises(checkpoint.CheckpointMismatch, match="hook: checkpoint has 'int8', this run has 'topk'"):
         checkpoint.load(str(tmp_path), 0, checkpoint_metadata(parser().parse_args(argv + ["--hook", "topk"]), 2))
+
+
+# ---- resuming through pyparallel.train: every rank fails together, with a clear error ----
+
+def _train_error(overrides):
+    """pyparallel.train.run in a pool worker (ring transport, one thread): None, or its error as text."""
+    args = parser().parse_args(["--transport", "ring", "--no-progress", "--threads", "1"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    try:
+        run(args)
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def test_resume_with_one_ranks_file_damaged_or_missing_fails_on_every_rank(dist_pool, tmp_path):
+    # Rank 1 raised alone while rank 0 trained on into its first all-reduce and waited there (the group's
+    # timeout, 30 s in the pool); now both raise at once, rank 0 naming rank 1's error.
+    pool, d = dist_pool(2), str(tmp_path / "ckpt")
+    opts = dict(hidden=8, epochs=1, max_steps=4, checkpoint_every=2, checkpoint_dir=d)
+    assert pool.run(_train_error, opts, timeout=60) == [None, None]
+    rank1 = os.path.join(d, "step-000000004", "rank1.pt")
+    os.truncate(rank1, os.path.getsize(rank1) // 2)
+    for damaged in (True, False):
+        errors = pool.run(_train_error, dict(opts, max_steps=6), timeout=25)
+        expect = f"CheckpointDamaged: checkpoint: {rank1} is damaged" if damaged else "has no file for rank 1"
+        assert expect in errors[1], errors
+        assert "rank 1 rejected it" in errors[0] and expect in errors[0], errors
+        if damaged:
+            os.remove(rank1)
+
+
+def test_resume_with_nothing_left_to_train_or_another_lr_is_refused(dist_pool, tmp_path, capsys):
+    from pyparallel.train import check_run, main
+
+    pool, d = dist_pool(2), str(tmp_path / "ckpt")
+    opts = dict(hidden=8, epochs=1, checkpoint_dir=d)
+    assert pool.run(_train_error, opts, timeout=60) == [None, None]  # 22 steps, checkpointed at the end
+    # The same command again (torchrun restarting a job that died after its last checkpoint) returned no
+    # evaluation, and the summary crashed on it (TypeError).
+    for msg in pool.run(_train_error, opts, timeout=60):
+        assert msg is not None and "--checkpoint-dir: the checkpoint is at step 22 (epoch 1 of 1): nothing left" in msg
+    # --max-steps at or below the checkpoint's step trained one step more.
+    for msg in pool.run(_train_error, dict(opts, epochs=2, max_steps=22), timeout=60):
+        assert msg is not None and "the checkpoint is at step 22, --max-steps is 22: nothing left to train" in msg
+    # Another --lr was ignored: the optimizer's state_dict brought back the checkpoint's.
+    for msg in pool.run(_train_error, dict(opts, epochs=2, lr=0.01), timeout=60):
+        assert msg is not None and "lr: checkpoint has 0.05, this run has 0.01" in msg, msg
+    with pytest.raises(SystemExit):  # the --nproc launcher checks before it starts any rank
+        main(["--nproc", "2", "--epochs", "1", "--hidden", "8", "--checkpoint-dir", d, "--no-progress"])
+    assert "--checkpoint-dir: the checkpoint is at step 22 (epoch 1 of 1): nothing left" in capsys.readouterr().err
+    # torch's PowerSGD state cannot be saved: refused before training, not after the first epoch.
+    args = parser().parse_args(["--hook", "torch-powersgd", "--ddp", "torch", "--checkpoint", d])
+    with pytest.raises(ValueError, match="--hook torch-powersgd cannot be checkpointed"):
+        check_run(args, 2)
+
+
+def test_unwritable_output_directories_fail_before_training(dist_pool, tmp_path):
+    # Found at the first save (after K steps or a whole epoch) or, for --json, by rank 0 after training.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    opts = dict(hidden=8, epochs=1, max_steps=2, checkpoint_every=2, checkpoint_dir=str(blocker / "ckpt"))
+    for msg in dist_pool(2).run(_train_error, opts, timeout=60):
+        assert msg is not None and f"checkpoint directory {blocker / 'ckpt'} is not writable" in msg, msg
+    out = tmp_path / "missing" / "out.json"
+    errors = dist_pool(2).run(_train_error, dict(hidden=8, epochs=1, max_steps=2, json=str(out)), timeout=60)
+    assert f"--json: directory {out.parent} is not writable: No such file or directory" in errors[0], errors
+    assert "rank 0 rejected it" in errors[1], errors

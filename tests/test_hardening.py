@@ -333,6 +333,25 @@ BAD_ARGS = [
     (["--hidden", "0"], "--hidden: must be a positive int, got 0"),
     (["--block-size", "0"], "--block-size: must be a positive int, got 0"),
     (["--warmup-steps", "-1"], "--warmup-steps: must be a non-negative int, got -1"),
+    # DiLoCo trained on to nan with these (a negative one failed later, in torch's SGD, on every rank).
+    (["--algo", "diloco", "--outer-momentum", "nan"], "--outer-momentum: must be a number in [0, 1), got nan"),
+    (["--algo", "diloco", "--outer-momentum", "1"], "--outer-momentum: must be a number in [0, 1), got 1"),
+    (["--algo", "diloco", "--outer-momentum", "-0.5"], "--outer-momentum: must be a number in [0, 1), got -0.5"),
+    # Options that do nothing with the others were ignored silently.
+    (["--steps-per-epoch", "5"], "--steps-per-epoch has no effect here (only with --task charlm)"),
+    (["--task", "charlm", "--hidden", "64"], "--hidden has no effect here (only with --task digits)"),
+    (["--overlap"], "--overlap has no effect here (only with --algo localsgd or diloco)"),
+    (["--sync-every", "5"], "--sync-every has no effect here (only with --algo localsgd or diloco)"),
+    (["--algo", "localsgd", "--overlap-steps", "2"], "--overlap-steps has no effect here (only with --overlap)"),
+    (["--algo", "localsgd", "--outer-lr", "0.5"], "--outer-lr has no effect here (only with --algo diloco)"),
+    (["--algo", "diloco", "--hook", "topk"], "--hook has no effect here (only with --algo ddp)"),
+    (["--hook", "fp16", "--ratio", "0.1"], "--ratio has no effect here (only with --hook topk (--algo ddp) or"),
+    (["--algo", "diloco", "--compression", "topk", "--block-size", "64"], "--block-size has no effect here"),
+    (["--hook", "int8", "--powersgd-rank", "4"], "--powersgd-rank has no effect here"),
+    (["--checkpoint-every", "5"], "--checkpoint-every has no effect here (only with --checkpoint-dir or --checkpoint)"),
+    (["--checkpoint", "a", "--checkpoint-dir", "b"], "--checkpoint has no effect here (ignored with --checkpoint-dir"),
+    (["--max-restarts", "2"], "--max-restarts has no effect here (only with --fault-tolerant; torchrun's own"),
+    (["--fault-tolerant", "--checkpoint-dir", "c"], "--checkpoint-dir has no effect here (ignored with --fault-tolerant"),
 ]
 
 
@@ -343,6 +362,26 @@ def test_train_rejects_bad_arguments(argv, expect, capsys):
     assert exc.value.code == 2, "argparse's usage error"
     err = capsys.readouterr().err
     assert expect in err, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--task", "charlm", "--algo", "diloco", "--sync-every", "10", "--outer-lr", "1.0", "--outer-momentum", "0",
+     "--compression", "topk", "--ratio", "0.05", "--overlap", "--overlap-steps", "3", "--steps-per-epoch", "20"],
+    ["--algo", "localsgd", "--compression", "int8", "--block-size", "64", "--fragments", "2"],
+    ["--hook", "topk", "--ratio", "0.1", "--warmup-steps", "3", "--ddp", "torch", "--hidden", "64", "--layers", "1"],
+    ["--hook", "powersgd", "--powersgd-rank", "4", "--checkpoint-dir", "c", "--checkpoint-every", "5",
+     "--keep-checkpoints", "3", "--kill-at-step", "3", "--kill-rank", "1"],
+], ids=["charlm-diloco", "localsgd-int8", "ddp-topk", "powersgd-checkpoints"])
+def test_train_accepts_options_that_apply(argv):
+    with pytest.raises(SystemExit) as exc:  # past the checks: launched without torchrun
+        train_cli.main(argv + ["--no-progress"])
+    assert "launch with torchrun" in str(exc.value.code), exc.value.code
+
+
+def test_train_fault_tolerant_zero_replicas_is_a_clear_error():
+    # The default thread count divided the cores by --replicas: ZeroDivisionError.
+    with pytest.raises(SystemExit, match="--replicas must be >= 1, got 0"):
+        train_cli.main(["--fault-tolerant", "--replicas", "0", "--no-progress"])
 
 
 def test_train_rejects_resuming_past_the_last_epoch(tmp_path, capsys, dist_pool):
