@@ -328,6 +328,13 @@ def _bad_configurations():
     ]:
         with pytest.raises(error, match=match):
             DistributedPipeline(_model(0), F.cross_entropy, **kwargs)
+    # Tied weights across stages (an output layer reusing the embedding's matrix): each rank would train its
+    # own copy on part of the gradient. Within one stage, sharing is fine.
+    tied = _model(0)
+    tied[4].weight = tied[2].weight
+    with pytest.raises(ValueError, match=r"parameter 2.weight of stage 0 is also 4.weight of stage 1 \(tied weights\)"):
+        DistributedPipeline(tied, F.cross_entropy, balance=[3, 4])
+    DistributedPipeline(tied, F.cross_entropy, balance=[5, 2])  # 2 and 4 in stage 0
 
 
 def test_distributed_bad_configuration_raises_on_every_rank(dist_pool):

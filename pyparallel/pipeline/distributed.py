@@ -14,7 +14,7 @@ from .grad_sync import CommHook, GradSync
 from .grid import ProcessGrid
 from .handshake import StepHandshake
 from .microbatch import check_n_microbatches
-from .partition import split_stages
+from .partition import shared_across_stages, split_stages
 from .runtime import run_stage
 from .schedule import check_schedule, stage_actions
 
@@ -80,6 +80,12 @@ class DistributedPipeline:
             if n_stages is None:
                 n_stages = grid.n_stages if grid is not None else dist.get_world_size()
             stages = split_stages(layers, balance, n_stages)
+            # Each rank keeps its own stage, so a tied weight (an embedding reused by the output layer) would
+            # become one independent copy per stage, each trained on part of its gradient: refuse it.
+            shared = shared_across_stages(stages)
+            if shared is not None:
+                raise ValueError(f"{shared} (tied weights): a pipeline stage cannot share parameters with another "
+                                 "stage; put the layers that share it in one stage, or untie them")
             if grid is not None and grid.n_stages != n_stages:
                 raise ValueError(f"grid has {grid.n_stages} stages but the model is split into {n_stages}")
             config = (f"balance {[len(s) for s in stages]}, n_microbatches {self.n_microbatches}, "

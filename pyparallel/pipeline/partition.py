@@ -109,3 +109,28 @@ def split_stages(layers: nn.Sequential | Sequence[nn.Module], balance: Sequence[
         stages.append(nn.Sequential(*items[start:start + count]))
         start += count
     return stages
+
+
+def shared_across_stages(stages: Sequence[nn.Sequential]) -> str | None:
+    """Describes the first parameter that two stages share (tied weights, a layer listed twice), or None.
+
+    Within a stage sharing is fine (autograd sums the uses); across stages it is not where each stage lives
+    on its own rank or device: every copy would get only its own stage's part of the gradient and train apart.
+    Parameters are named as in the unsplit ``nn.Sequential`` (layer index, then the layer's own name).
+
+    Example:
+        >>> lin = nn.Linear(4, 4)
+        >>> shared_across_stages(split_stages([lin, nn.Tanh(), lin], [2, 1]))
+        'parameter 0.weight of stage 0 is also 2.weight of stage 1'
+    """
+    owner: dict[int, tuple[int, str]] = {}
+    offset = 0
+    for s, stage in enumerate(stages):
+        for name, p in stage.named_parameters():  # duplicates within one stage are listed once
+            index, _, rest = name.partition(".")
+            name = f"{offset + int(index)}.{rest}"
+            first = owner.setdefault(id(p), (s, name))
+            if first[0] != s:
+                return f"parameter {first[1]} of stage {first[0]} is also {name} of stage {s}"
+        offset += len(stage)
+    return None
