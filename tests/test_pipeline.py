@@ -289,6 +289,30 @@ def test_distributed_frozen_first_stage(dist_pool):
     dist_pool(2).run(_frozen_first_stage, random.randrange(2**20), timeout=TIMEOUT)
 
 
+def _inplace_at_cut(seed):
+    """A stage that starts with an in-place layer (the cut falls before ReLU(inplace=True)): the unsplit model
+    runs it, so the pipeline must too, on every rank (stage 1 raised, its peer waited for the timeout)."""
+    def model():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(inplace=True), nn.Linear(16, 16), nn.ReLU(inplace=True),
+                             nn.Linear(16, 5)).double()
+
+    x, y = _data(seed, 7)
+    reference = model()
+    F.cross_entropy(reference(x), y).backward()
+    for schedule in ("gpipe", "1f1b"):
+        full = model()
+        pipe = DistributedPipeline(full, F.cross_entropy, balance=[1, 4], n_microbatches=3, schedule=schedule)
+        pipe.step(x, y)
+        for (name, p), p_ref in zip(full.named_parameters(), reference.parameters()):
+            if id(p) in {id(q) for q in pipe.parameters()}:
+                torch.testing.assert_close(p.grad, p_ref.grad, **F64, msg=f"{schedule} {name}")
+
+
+def test_distributed_inplace_layer_at_cut(dist_pool):
+    dist_pool(2).run(_inplace_at_cut, random.randrange(2**20), timeout=TIMEOUT)
+
+
 def _expect_pipeline_error(match, step_inputs, step_targets, layers=None, **kwargs):
     pipe = DistributedPipeline(layers or _model(0), F.cross_entropy, **kwargs)
     with pytest.raises(PipelineError, match=match):
