@@ -442,6 +442,23 @@ def _grid_default_hook(seed):
         pipe.step(x, y[:7] if bad_replica else y)
 
 
+def _grid_replicas_start_equal(seed):
+    """Replicas built from different seeds (a per-rank seed) start from the first replica's parameters;
+    before, they stayed apart forever. Replicas of different shapes raise on every rank of the grid."""
+    full = _model(seed + dist.get_rank())
+    pipe = DistributedPipeline(full, F.cross_entropy, n_stages=2, n_microbatches=2)
+    first = _model(seed + pipe.grid.rank_of(pipe.grid.stage, 0))
+    mine = {id(p) for p in pipe.parameters()}
+    for (name, p), p_first in zip(full.named_parameters(), first.parameters()):
+        if id(p) in mine:
+            assert torch.equal(p, p_first), name
+    narrow = dist.get_rank() == 3  # a replica of stage 1
+    with pytest.raises(ValueError, match=r"the replicas of stage 1 \(global ranks 2 and 3, ranks 0 and 1 of its "
+                                         r"data group\) must hold the same layers, but parameter 4.weight has shape "
+                                         r"\[16, 16\] and dtype torch.float64 on rank 0 but shape \[15, 15\]"):
+        DistributedPipeline(_model(seed, width=15 if narrow else 16), F.cross_entropy, balance=[3, 4])
+
+
 def _grid_int8_trains(seed):
     got, expected, bound = _grid_case(seed, torch.float32, int8_allgather_hook)
     for name, grad in got.items():
@@ -481,6 +498,10 @@ def test_grid_with_pyparallel_int8_hook(dist_pool):
 
 def test_grid_default_hook_equals_unsplit(dist_pool):
     dist_pool(4).run(_grid_default_hook, random.randrange(2**20), timeout=TIMEOUT)
+
+
+def test_grid_replicas_start_equal(dist_pool):
+    dist_pool(4).run(_grid_replicas_start_equal, random.randrange(2**20), timeout=TIMEOUT)
 
 
 def test_grid_int8_hook_trains(dist_pool):

@@ -9,12 +9,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..consistency import check_same
+from ..consistency import broadcast_from_first_rank, check_same, first_difference, gather, tensor_specs
 from .grad_sync import CommHook, GradSync
 from .grid import ProcessGrid
 from .handshake import StepHandshake
 from .microbatch import check_n_microbatches
-from .partition import shared_across_stages, split_stages
+from .partition import name_in_model, shared_across_stages, split_stages
 from .runtime import run_stage
 from .schedule import check_schedule, stage_actions
 
@@ -22,7 +22,8 @@ from .schedule import check_schedule, stage_actions
 class DistributedPipeline:
     """Trains a layer-split model with one stage per rank, GPipe or 1F1B, micro-batched.
 
-    Every rank builds the same model (same seed) and keeps only its own stage. Every rank calls
+    Every rank builds the same model and keeps only its own stage; the replicas of a stage start from the
+    parameters and buffers of its first replica (broadcast at construction). Every rank calls
     ``step(inputs, targets)``; the first stage reads ``inputs``, the last ``targets``, the others may
     pass None. Activations travel forward and gradients backward point-to-point (Gloo on CPU, NCCL on
     GPU). With ``world = n_stages * d`` ranks, ``d`` pipelines run side by side (:class:`ProcessGrid`
@@ -99,11 +100,39 @@ class DistributedPipeline:
             device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
         self.device = torch.device(device)
         self.module = stages[self.grid.stage].to(self.device)
+        if self.grid.data_size > 1:
+            self._start_replicas_equal(sum(len(s) for s in stages[:self.grid.stage]))
         self.loss_fn = loss_fn
         self._prefetch_receives = dist.get_backend() != "nccl"  # Note [When to post receives], p2p.py
         self._handshake = StepHandshake(self.module, self.grid, self.device, self.n_microbatches, loss_fn)
         self._grad_sync = (GradSync(self.module.parameters(), self.grid.data_group, comm_hook, hook_state)
                            if self.grid.data_group is not None else None)
+
+    def _start_replicas_equal(self, offset: int) -> None:
+        """Gives every replica of a stage the parameters and buffers of the stage's first replica.
+
+        The gradient average keeps replicas equal only if they start equal; replicas built with different
+        seeds (a per-rank seed for data or dropout) trained apart forever, silently, and replicas of different
+        shapes would make the all-reduce abort or mix bytes. As DataParallel does: first every rank compares
+        the shapes of every stage's replicas (one all-gather over the world, so that a mismatch in one data
+        group raises on every rank, not only in that group), then each data group broadcasts from its first rank.
+        """
+        grid = self.grid
+        specs = {kind: tensor_specs((name_in_model(name, offset), t) for name, t in named)
+                 for kind, named in [("parameter", self.module.named_parameters()),
+                                     ("buffer", self.module.named_buffers())]}
+        everyone = gather(specs)
+        for stage in range(grid.n_stages):
+            first = everyone[grid.rank_of(stage, 0)]
+            for replica in range(1, grid.data_size):
+                theirs = everyone[grid.rank_of(stage, replica)]
+                for kind in first:
+                    diff = first_difference(kind, first[kind], theirs[kind], replica)
+                    if diff is not None:
+                        raise ValueError(f"DistributedPipeline: the replicas of stage {stage} (global ranks "
+                                         f"{grid.rank_of(stage, 0)} and {grid.rank_of(stage, replica)}, ranks 0 and "
+                                         f"{replica} of its data group) must hold the same layers, but {diff}")
+        broadcast_from_first_rank(list(self.module.parameters()) + list(self.module.buffers()), grid.data_group)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """This rank's stage's parameters (give them to the optimizer)."""

@@ -127,10 +127,21 @@ def shared_across_stages(stages: Sequence[nn.Sequential]) -> str | None:
     offset = 0
     for s, stage in enumerate(stages):
         for name, p in stage.named_parameters():  # duplicates within one stage are listed once
-            index, _, rest = name.partition(".")
-            name = f"{offset + int(index)}.{rest}"
+            name = name_in_model(name, offset)
             first = owner.setdefault(id(p), (s, name))
             if first[0] != s:
                 return f"parameter {first[1]} of stage {first[0]} is also {name} of stage {s}"
         offset += len(stage)
     return None
+
+
+def name_in_model(name: str, offset: int) -> str:
+    """The unsplit ``nn.Sequential``'s name of a stage's parameter or buffer ``name``, the stage starting at
+    layer ``offset``.
+
+    Example:
+        >>> name_in_model("1.weight", 3)
+        '4.weight'
+    """
+    index, _, rest = name.partition(".")
+    return f"{offset + int(index)}.{rest}"
