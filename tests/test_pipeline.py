@@ -433,6 +433,18 @@ def _grid_default_hook(seed):
     got, expected, _ = _grid_case(seed, torch.float64, None)
     for name, grad in got.items():
         torch.testing.assert_close(grad, expected[name], **F64, msg=name)
+    # Replicas with batches of different sizes (9 and 5 of 14 samples): still the gradient of the concatenation
+    # (it was the average of the two batches' mean-loss gradients), and each replica's own mean loss.
+    full = _model(seed)
+    pipe = DistributedPipeline(full, F.cross_entropy, n_stages=2, n_microbatches=3)
+    x, y = _data(seed, 14)
+    mine = slice(0, 9) if pipe.grid.replica == 0 else slice(9, 14)
+    loss = pipe.step(x[mine], y[mine])
+    _, grads_ref = _reference_grads(seed, x, y)
+    for name, grad in _stage_grads(full, pipe).items():
+        torch.testing.assert_close(grad, grads_ref[name], **F64, msg=f"uneven replicas: {name}")
+    if pipe.grid.is_last:
+        torch.testing.assert_close(loss, _reference_grads(seed, x[mine], y[mine])[0], **F64)
     # A step rejected by one replica (wrong targets on rank 3) is rejected by all four ranks.
     pipe = DistributedPipeline(_model(seed), F.cross_entropy, n_stages=2, n_microbatches=2)
     x, y = _data(seed, 8)

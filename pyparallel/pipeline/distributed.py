@@ -28,8 +28,9 @@ class DistributedPipeline:
     pass None. Activations travel forward and gradients backward point-to-point (Gloo on CPU, NCCL on
     GPU). With ``world = n_stages * d`` ranks, ``d`` pipelines run side by side (:class:`ProcessGrid`
     documents the layout) and each stage's gradients are averaged over its data group by ``comm_hook``
-    after backward. Gradients and loss equal the unsplit model's on the concatenation of the replicas'
-    batches (up to the order of floating-point sums).
+    after backward. Gradients equal the unsplit model's on the concatenation of the replicas' batches (up to
+    the order of floating-point sums), also when the replicas' batches differ in size, with a hook that
+    averages (the default); the loss returned is that of this pipeline's batch.
 
     A bad step (inputs or targets of the wrong type or size, a stage that rejects its input's shape, a
     loss function that fails) raises :class:`PipelineError` on every rank before any activation moves;

@@ -10,8 +10,9 @@ Before any activation moves, the stages of one pipeline agree that the step can 
    travels on instead of the shapes, and the key becomes INVALID_KEY.
 2. The last stage checks the targets and the loss function on them; then a verdict travels back, stage to
    stage: 0, or 1 followed by the error text.
-3. With data replicas, each data group all-reduces the verdict flag (MAX), so a step rejected by one
-   pipeline stops every pipeline (the gradient all-reduce would otherwise wait forever).
+3. With data replicas, each data group sums the verdict flag and the batch size, so a step rejected by one
+   pipeline stops every pipeline (the gradient all-reduce would otherwise wait forever), and the last stage
+   weighs its samples by the batch size over all replicas (the replicas' batches may differ in size).
 Then every rank either raises the same PipelineError or knows the exact shape of every buffer it will
 receive. The steady state costs one 16-byte message forward and one 8-byte message back per stage
 boundary per step, plus a one-element all-reduce with replicas. Errors that depend on the values in the
@@ -69,6 +70,7 @@ class StepPlan:
     input_chunks: list[torch.Tensor] | None = None  # first stage
     target_chunks: list[torch.Tensor] | None = None  # last stage
     weights: list[float] | None = None  # last stage: n_i / N, the weight of micro-batch i's mean loss
+    grad_weights: list[float] | None = None  # last stage: n_i * d / (N summed over the d replicas); see _agree
 
 
 class StepHandshake:
@@ -115,9 +117,15 @@ class StepHandshake:
                 p2p.send_object(error if error is not None else plan.out_specs, grid.next_rank, self.device)
         if grid.is_last and error is None:
             error = self._read_targets(targets, batch, plan)
-        verdict = self._agree(error)
+        verdict, all_replicas_batch = self._agree(error, batch)
         if verdict is not None:
             raise PipelineError(verdict)
+        if grid.is_last:
+            # The data group averages gradients over its d replicas; weighting each micro-batch's mean loss by
+            # n_i * d / (N of all replicas) instead of n_i / N makes that average the gradient of the
+            # concatenated batches even when replicas have batches of different sizes (the same weights,
+            # bitwise, when they are equal or without replicas).
+            plan.grad_weights = [c.shape[0] * grid.data_size / all_replicas_batch for c in plan.target_chunks]
         if key not in self._specs:
             _remember(self._specs, key, (plan.in_specs, plan.out_specs))
         return plan
@@ -173,8 +181,9 @@ class StepHandshake:
             _remember(self._losses_checked, pair, None)
         return None
 
-    def _agree(self, error: str | None) -> str | None:
-        """Steps 2 and 3 of Note [Step handshake]: the verdict every rank acts on."""
+    def _agree(self, error: str | None, batch: int) -> tuple[str | None, int]:
+        """Steps 2 and 3 of Note [Step handshake]: the verdict every rank acts on, and the batch size summed
+        over the data group (``batch`` without replicas)."""
         grid = self.grid
         verdict = error
         if not grid.is_last:
@@ -185,12 +194,13 @@ class StepHandshake:
             if verdict is not None:
                 p2p.send_object(verdict, grid.prev_rank, self.device)
         if grid.data_group is not None:
-            any_failed = torch.tensor([verdict is not None], dtype=torch.int64, device=self.device)
-            dist.all_reduce(any_failed, op=dist.ReduceOp.MAX, group=grid.data_group)
-            if any_failed.item() and verdict is None:
+            summed = torch.tensor([verdict is not None, batch], dtype=torch.int64, device=self.device)
+            dist.all_reduce(summed, group=grid.data_group)
+            n_failed, batch = summed.tolist()
+            if n_failed and verdict is None:
                 verdict = (f"{self.name}: another data-parallel replica rejected this step (its ranks raise "
                            "the reason); every rank of the grid stops")
-        return verdict
+        return verdict, batch
 
 
 def _key_of(specs: list[Spec]) -> int:

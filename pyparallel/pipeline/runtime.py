@@ -35,7 +35,8 @@ def run_stage(module: nn.Module, actions: list[Action], plan: StepPlan, grid: Pr
 
     Returns:
         On the last stage the batch's loss, ``sum_i n_i / N * loss_i`` (detached); otherwise None.
-        Parameter gradients are accumulated into ``.grad`` as by ``loss.backward()`` on that loss.
+        Parameter gradients are accumulated into ``.grad`` as by ``loss.backward()`` on that loss, scaled
+        by ``plan.grad_weights`` where data replicas' batches differ in size (Note [Step handshake]).
     """
     transfers = StageTransfers([_receive_of(action, plan, grid) for action in actions], device, prefetch)
     anchor = torch.empty(0, device=device, requires_grad=True)  # makes _StageInput's output require grad
@@ -53,9 +54,10 @@ def run_stage(module: nn.Module, actions: list[Action], plan: StepPlan, grid: Pr
             y = module(x)
             _check_output(y, plan.out_specs[i], grid.stage, i)
             if grid.is_last:
-                loss = loss_fn(y, plan.target_chunks[i]) * plan.weights[i]
-                total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
-                pending[i] = loss
+                loss = loss_fn(y, plan.target_chunks[i])
+                reported = loss.detach() * plan.weights[i]
+                total_loss = reported if total_loss is None else total_loss + reported
+                pending[i] = loss * plan.grad_weights[i]
             else:
                 pending[i] = y
                 transfers.send(y.detach(), grid.next_rank)
