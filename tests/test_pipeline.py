@@ -8,6 +8,7 @@ room for that and still catches any mistake of substance (a micro-batch weighted
 """
 
 import random
+import time
 
 import pytest
 import torch
@@ -367,6 +368,38 @@ def test_distributed_bad_configuration_raises_on_every_rank(dist_pool):
 
 def test_distributed_bad_step_raises_on_every_rank(dist_pool):
     dist_pool(2).run(_bad_steps, timeout=TIMEOUT)
+
+
+def _stage_raises_mid_step():
+    """Stage 1 raises in the loss of micro-batch 1 (a target out of range: the dry run on zeros cannot see it)."""
+    pipe = DistributedPipeline(_model(0), F.cross_entropy, balance=[3, 4], n_microbatches=2)  # 1F1B
+    x, y = _data(0, 4)
+    y[3] = 99
+    start = time.monotonic()
+    try:
+        pipe.step(x, y)
+    except Exception as e:
+        return time.monotonic() - start, type(e).__name__, str(e)
+    return None
+
+
+def test_stage_raising_mid_step_is_named_by_its_peer():
+    # The group does not survive the timeout: a pool of its own, with a short timeout.
+    from dist_harness import WorkerPool
+    pool = WorkerPool(2, pg_timeout_s=5)
+    try:
+        (status0, failure0), (status1, failure1) = pool.outcomes(_stage_raises_mid_step, timeout=TIMEOUT)
+    finally:
+        pool.kill()
+    assert status1 == "ok" and failure1 is not None and failure1[1] == "IndexError", failure1
+    assert status0 == "ok" and failure0 is not None, failure0
+    elapsed, _, message = failure0
+    assert elapsed < 5 + 10, f"stage 0 raised after {elapsed:.1f} s, the group's timeout is 5 s"
+    # Stage 0 waits for micro-batch 1's gradient (F0 F1 B0 B1; stage 1 ran F0 B0 and raised in F1). Gloo's own
+    # message names neither the peer nor what was expected.
+    expected = "stage 0 (rank 0): receiving micro-batch 1's gradient from stage 1 (rank 1) failed"
+    assert message.startswith(expected), message
+    assert "did not call step() for this batch" in message, message
 
 
 def _activation_peaks(n_microbatches):

@@ -15,9 +15,9 @@ Before any activation moves, the stages of one pipeline agree that the step can 
    weighs its samples by the batch size over all replicas (the replicas' batches may differ in size).
 Then every rank either raises the same PipelineError or knows the exact shape of every buffer it will
 receive. The steady state costs one 16-byte message forward and one 8-byte message back per stage
-boundary per step, plus a one-element all-reduce with replicas. Errors that depend on the values in the
+boundary per step, plus a two-element all-reduce with replicas. Errors that depend on the values in the
 batch (an index out of range) cannot be seen by the dry run: they raise on their rank during the step and
-its peers fail at the process group's timeout.
+its peers fail at the process group's timeout, naming the transfer they waited for (p2p.naming_the_transfer).
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ class StepHandshake:
                 p2p.send_object(verdict, grid.prev_rank, self.device)
         if grid.data_group is not None:
             summed = torch.tensor([verdict is not None, batch], dtype=torch.int64, device=self.device)
-            dist.all_reduce(summed, group=grid.data_group)
+            with p2p.naming_the_transfer(f"{self.name}: the step handshake's all-reduce over the stage's data group"):
+                dist.all_reduce(summed, group=grid.data_group)
             n_failed, batch = summed.tolist()
             if n_failed and verdict is None:
                 verdict = (f"{self.name}: another data-parallel replica rejected this step (its ranks raise "

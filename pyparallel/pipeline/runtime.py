@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .grid import ProcessGrid
@@ -108,9 +109,11 @@ def _receive_of(action: Action, plan: StepPlan, grid: ProcessGrid) -> Receive | 
     """A forward receives its input from the previous stage, a backward its output's gradient from the next."""
     forward, i = action
     if forward and not grid.is_first:
-        return Receive(*plan.in_specs[i], grid.prev_rank)
+        return Receive(*plan.in_specs[i], grid.prev_rank, f"stage {grid.stage} (rank {dist.get_rank()}): receiving "
+                       f"micro-batch {i}'s activation from stage {grid.stage - 1} (rank {grid.prev_rank})")
     if not forward and not grid.is_last:
-        return Receive(*plan.out_specs[i], grid.next_rank)
+        return Receive(*plan.out_specs[i], grid.next_rank, f"stage {grid.stage} (rank {dist.get_rank()}): receiving "
+                       f"micro-batch {i}'s gradient from stage {grid.stage + 1} (rank {grid.next_rank})")
     return None
 
 
