@@ -208,6 +208,25 @@ def test_local_pipeline_cpu_equals_unsplit(n_microbatches, batch):
     _check_local_pipeline(["cpu", "cpu"], n_microbatches, batch)
 
 
+def test_local_pipeline_rejects_what_it_cannot_stream():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, 2 * x
+
+    class Sum(nn.Module):
+        def forward(self, pair):
+            return pair[0] + pair[1]
+
+    layers = [nn.Linear(4, 4), Pair(), Sum()]
+    # Stage 0 ends in a tuple (AttributeError: 'tuple' object has no attribute 'to'), or the last stage does
+    # (TypeError in torch.cat); a batch that is no tensor (AttributeError: no attribute 'device').
+    for balance, stage in [([2, 1], 0), ([1, 1], 1)]:
+        with pytest.raises(TypeError, match=f"stage {stage} returned a tuple; a stage must return one tensor"):
+            Pipeline(layers[:sum(balance)], ["cpu", "cpu"], balance=balance, n_microbatches=2)(torch.randn(4, 4))
+    with pytest.raises(TypeError, match="inputs must be a tensor whose dim 0 is the batch, got list"):
+        Pipeline(layers[:1], ["cpu"])([[1.0] * 4])
+
+
 CUDA_DEVICE_PAIRS = [
     pytest.param(pair, marks=pytest.mark.skipif(torch.cuda.device_count() < need,
                                                 reason=f"needs {need} CUDA device(s)"))

@@ -59,8 +59,9 @@ class Pipeline(nn.Module):
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Runs the batch through all stages; returns the output on the last stage's device."""
+        chunks = split_microbatches(batch, self.n_microbatches)  # first: it names a batch that is no tensor
         ready_event = _record_current(batch.device)
-        tasks = [(chunk, ready_event) for chunk in split_microbatches(batch, self.n_microbatches)]
+        tasks = [(chunk, ready_event) for chunk in chunks]
         n_stages, m = len(self.stages), len(tasks)
         for clock in range(m + n_stages - 1):
             for stage in range(max(0, clock - m + 1), min(n_stages, clock + 1)):
@@ -72,6 +73,9 @@ class Pipeline(nn.Module):
         device, stream = self.devices[stage], self._streams[stage]
         with torch.cuda.stream(stream):  # a no-op for None (CPU stages)
             y = self.stages[stage](_move(x, ready, device, stream))
+            if not isinstance(y, torch.Tensor):  # it would fail in the next stage's move or the final cat, unclearly
+                raise TypeError(f"Pipeline: stage {stage} returned a {type(y).__name__}; a stage must return one "
+                                "tensor (it is moved to the next stage's device and concatenated over micro-batches)")
             return y, stream.record_event() if stream is not None else None
 
 
