@@ -34,7 +34,18 @@ class DistributedPipeline:
 
     A bad step (inputs or targets of the wrong type or size, a stage that rejects its input's shape, a
     loss function that fails) raises :class:`PipelineError` on every rank before any activation moves;
-    see Note [Step handshake] in handshake.py.
+    see Note [Step handshake] in handshake.py. Errors that depend on the batch's values (an index out of
+    range, a BatchNorm in training given a micro-batch of one sample) raise on their rank during the step;
+    its peers raise at the process group's timeout, naming the transfer they waited for.
+
+    What equals the unsplit model and what does not: layers that use the whole batch see micro-batches
+    (BatchNorm in training normalises each micro-batch by its own statistics and updates its running
+    statistics once per micro-batch, as in GPipe); random layers (dropout) draw from each rank's own
+    generator, micro-batch by micro-batch, so their masks differ from the unsplit model's (seed replicas
+    differently for independent masks: their parameters are broadcast anyway). Stages pass one
+    floating-point tensor each (a tuple, a dict or integer ids between stages are refused; the first
+    stage may take integer ids) and cannot share parameters (tied weights are refused). ``step`` trains;
+    there is no pipelined inference.
 
     Args:
         layers: an ``nn.Sequential`` or a list of modules, the whole model.

@@ -30,7 +30,10 @@ class Pipeline(nn.Module):
 
     ``forward`` splits the batch into micro-batches, streams them through the stages and concatenates the
     outputs on the last device; call ``backward`` on a loss of the output as with the unsplit model. The
-    result and the gradients equal the unsplit model's (up to the order of floating-point sums).
+    result and the gradients equal the unsplit model's (up to the order of floating-point sums), except
+    where a layer depends on the whole batch or on random numbers: BatchNorm in training normalises each
+    micro-batch by its own statistics (and updates its running statistics once per micro-batch), and
+    dropout draws its masks in another order than the unsplit model. Each stage returns one tensor.
 
     Args:
         layers: an ``nn.Sequential`` or a list of modules (moved to their stage's device).
