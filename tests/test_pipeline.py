@@ -358,6 +358,27 @@ def _bad_steps():
                            x, y.double(), n_microbatches=2)
     with torch.no_grad():
         _expect_pipeline_error("step\\(\\) needs autograd", x, y, n_microbatches=2)
+    # BatchNorm in training rejects a micro-batch of one sample: the dry run must run in training mode to see
+    # it (in eval mode it passed, and stage 1 raised alone mid-step while stage 0 waited for the timeout).
+    def with_batch_norm():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 5)).double()
+
+    bn = with_batch_norm()
+    pipe = _expect_pipeline_error(r"stage 1 \(rank 1\) failed on an activation from stage 0 of shape \[1, 16\] and "
+                                  r"dtype torch.float64: ValueError: Expected more than 1 value per channel when "
+                                  r"training", x, y, bn, balance=[1, 3], n_microbatches=8)
+    # The dry runs leave no trace: after a good step the statistics are those of its two micro-batches alone.
+    pipe = DistributedPipeline(bn, F.cross_entropy, balance=[1, 3], n_microbatches=2)
+    pipe.step(x, y)
+    reference = with_batch_norm()
+    with torch.no_grad():
+        for chunk in x.tensor_split(2):
+            reference(chunk)
+    if pipe.grid.is_last:
+        assert bn[1].num_batches_tracked.item() == 2
+        torch.testing.assert_close(bn[1].running_mean, reference[1].running_mean, **F64)
+        torch.testing.assert_close(bn[1].running_var, reference[1].running_var, **F64)
     # The pool's ranks are still in step: a good step works after all the rejected ones.
     pipe = DistributedPipeline(_model(0), F.cross_entropy, n_microbatches=2)
     assert (pipe.step(x, y) is not None) == pipe.grid.is_last

@@ -6,7 +6,8 @@ Before any activation moves, the stages of one pipeline agree that the step can 
    dtypes of its input micro-batches. A key every stage has seen before (each keeps the same bounded
    cache, filled in the same order) means the activation shapes are known. A new key is followed by an
    object message with the shapes: each stage dry-runs its layers on zeros of the shapes it receives
-   (eval mode, no autograd, so no state changes) to learn the shapes it will send. The first error found
+   (in the mode the step runs in, without autograd, its buffers and random generators restored after, so
+   no state changes) to learn the shapes it will send. The first error found
    travels on instead of the shapes, and the key becomes INVALID_KEY.
 2. The last stage checks the targets and the loss function on them; then a verdict travels back, stage to
    stage: 0, or 1 followed by the error text.
@@ -145,7 +146,7 @@ class StepHandshake:
         source = "an input micro-batch" if self.grid.is_first else f"an activation from stage {self.grid.stage - 1}"
         for spec in dict.fromkeys(in_specs):  # distinct specs (at most two sizes), in order
             try:
-                with torch.no_grad(), _eval_mode(self.module):
+                with torch.no_grad(), _state_restored(self.module, self.device):
                     out = self.module(spec.zeros(self.device))
             except Exception as exc:  # any failure of user code becomes a PipelineError on every rank
                 return [], f"{self.name} failed on {source} of {spec}: {type(exc).__name__}: {exc}"
@@ -218,12 +219,20 @@ def _remember(cache: OrderedDict, key, value) -> None:
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    """Eval mode for a dry run (no batch-norm statistics updated), restoring each submodule's own flag."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+def _state_restored(module: nn.Module, device: torch.device):
+    """Runs a dry run in the module's own mode and then puts back its buffers and the random generators.
+
+    Not eval mode: a layer that rejects a shape only in training (BatchNorm given one sample per channel)
+    passed an eval-mode dry run and then raised on its rank alone, mid-step, its peers waiting for the
+    group's timeout; and a layer whose output shape depends on the mode broke the buffers fixed here.
+    Training mode updates batch-norm statistics (buffers, copied back) and draws dropout masks (the
+    generators are forked), so the step that follows runs as if there had been no dry run.
+    """
+    saved = [(b, b.clone()) for b in module.buffers()]
+    devices = [device] if device.type == "cuda" else []
     try:
-        yield
+        with torch.random.fork_rng(devices=devices):
+            yield
     finally:
-        for m, training in modes:
-            m.training = training
+        for b, value in saved:
+            b.copy_(value)
