@@ -585,6 +585,32 @@ def test_grid_default_hook_equals_unsplit(dist_pool):
     dist_pool(4).run(_grid_default_hook, random.randrange(2**20), timeout=TIMEOUT)
 
 
+def _grid_pyparallel_hooks_without_state(seed):
+    """pyparallel's hooks given without a state get a state of the class they take on the data group (they got
+    the bare group: an AttributeError on the ProcessGroup after backward)."""
+    from pyparallel import hooks
+
+    full = _model(seed)
+    pipe = DistributedPipeline(full, F.cross_entropy, n_stages=2, n_microbatches=3, comm_hook=hooks.allreduce_hook)
+    x, y = _data(seed, 16)
+    half = slice(8 * pipe.grid.replica, 8 * pipe.grid.replica + 8)
+    pipe.step(x[half], y[half])
+    _, grads_ref = _reference_grads(seed, x, y)
+    for name, grad in _stage_grads(full, pipe).items():
+        torch.testing.assert_close(grad, grads_ref[name], **F64, msg=name)
+    full = _model(seed, torch.float32)
+    pipe = DistributedPipeline(full, F.cross_entropy, n_stages=2, n_microbatches=3, comm_hook=hooks.int8_hook)
+    x, y = _data(seed, 16, torch.float32)
+    pipe.step(x[half], y[half])
+    return [p.grad for p in pipe.parameters()]
+
+
+def test_grid_pyparallel_hooks_without_state(dist_pool):
+    grads = dist_pool(4).run(_grid_pyparallel_hooks_without_state, random.randrange(2**20), timeout=TIMEOUT)
+    for a, b in [(0, 1), (2, 3)]:  # the int8 ring: replicas of a stage decode the same bytes
+        assert all(torch.equal(g, h) for g, h in zip(grads[a], grads[b]))
+
+
 def test_grid_replicas_start_equal(dist_pool):
     dist_pool(4).run(_grid_replicas_start_equal, random.randrange(2**20), timeout=TIMEOUT)
 

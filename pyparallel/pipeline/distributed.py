@@ -63,7 +63,9 @@ class DistributedPipeline:
             pyparallel's exact ``hooks.allreduce_hook`` (average; the default of every trainer,
             :mod:`pyparallel.reducer`). Unused without replicas.
         hook_state: the hook's state; default a ``hooks.HookState`` on the data group without
-            ``comm_hook``, the data group itself with one (the state torch's own hooks take).
+            ``comm_hook``; with one of pyparallel's hooks, a new state of the class it takes (e.g.
+            ``hooks.Int8State``) on the data group; with another hook, the data group itself (the state
+            torch's own hooks take).
         grid: a :class:`ProcessGrid` made beforehand (e.g. to build ``hook_state`` on its data group);
             by default one is created (collective).
 

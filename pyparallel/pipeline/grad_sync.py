@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from ..hooks import HookState
 from ..reducer import CommHook, Reducer
 
 __all__ = ["CommHook", "GradSync"]
@@ -28,8 +31,10 @@ class GradSync:
             pyparallel's exact :func:`pyparallel.hooks.allreduce_hook` (it was torch's ``allreduce_hook``
             before the reducer was shared).
         state: the hook's state. Default: with no ``hook``, a :class:`pyparallel.hooks.HookState` on
-            ``process_group``; with a ``hook``, ``process_group`` itself (the state torch's own hooks,
-            such as ``default_hooks.allreduce_hook``, take).
+            ``process_group``; with one of pyparallel's hooks, a new state of the class its ``state``
+            argument is annotated with (``hooks.Int8State`` for ``hooks.int8_hook``) on ``process_group``;
+            with another hook, ``process_group`` itself (the state torch's own hooks, such as
+            ``default_hooks.allreduce_hook``, take).
 
     Example:
         >>> sync = GradSync(stage.parameters(), grid.data_group)
@@ -39,9 +44,23 @@ class GradSync:
     def __init__(self, params: Iterable[torch.nn.Parameter], process_group: dist.ProcessGroup,
                  hook: CommHook | None = None, state: Any = None):
         if hook is not None and state is None:
-            state = process_group
+            state = _default_state(hook, process_group)
         self._reducer = Reducer(params, process_group, hook, state, name="GradSync")
 
     def reduce(self) -> None:
         """Replaces every gradient by the hook's reduction over the data group (missing gradients count as 0)."""
         self._reducer.reduce()
+
+
+def _default_state(hook: CommHook, process_group: dist.ProcessGroup) -> Any:
+    """The state ``hook`` takes when none is given: pyparallel's hooks need a HookState (of the class their
+    first argument is annotated with; given the bare group they failed after backward with an AttributeError
+    on the ProcessGroup), torch's hooks the process group."""
+    try:
+        first = next(iter(inspect.signature(hook).parameters))
+        wanted = typing.get_type_hints(hook).get(first)
+    except (TypeError, ValueError, NameError, StopIteration):  # no signature, or annotations that do not resolve
+        wanted = None
+    if isinstance(wanted, type) and issubclass(wanted, HookState):
+        return wanted(process_group)
+    return process_group
