@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
-import typing
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..hooks import HookState
-from ..reducer import CommHook, Reducer
+from ..reducer import CommHook, Reducer, state_for
 
 __all__ = ["CommHook", "GradSync"]
 
@@ -44,23 +41,11 @@ class GradSync:
     def __init__(self, params: Iterable[torch.nn.Parameter], process_group: dist.ProcessGroup,
                  hook: CommHook | None = None, state: Any = None):
         if hook is not None and state is None:
-            state = _default_state(hook, process_group)
+            # pyparallel's hooks need their HookState subclass; torch's hooks take the group itself
+            state = state_for(hook, process_group) or process_group
         self._reducer = Reducer(params, process_group, hook, state, name="GradSync")
 
     def reduce(self) -> None:
         """Replaces every gradient by the hook's reduction over the data group (missing gradients count as 0)."""
         self._reducer.reduce()
 
-
-def _default_state(hook: CommHook, process_group: dist.ProcessGroup) -> Any:
-    """The state ``hook`` takes when none is given: pyparallel's hooks need a HookState (of the class their
-    first argument is annotated with; given the bare group they failed after backward with an AttributeError
-    on the ProcessGroup), torch's hooks the process group."""
-    try:
-        first = next(iter(inspect.signature(hook).parameters))
-        wanted = typing.get_type_hints(hook).get(first)
-    except (TypeError, ValueError, NameError, StopIteration):  # no signature, or annotations that do not resolve
-        wanted = None
-    if isinstance(wanted, type) and issubclass(wanted, HookState):
-        return wanted(process_group)
-    return process_group
