@@ -225,6 +225,16 @@ def test_local_pipeline_rejects_what_it_cannot_stream():
             Pipeline(layers[:sum(balance)], ["cpu", "cpu"], balance=balance, n_microbatches=2)(torch.randn(4, 4))
     with pytest.raises(TypeError, match="inputs must be a tensor whose dim 0 is the batch, got list"):
         Pipeline(layers[:1], ["cpu"])([[1.0] * 4])
+    # A weight shared by stages on different devices: moving the second stage moved it away from the first
+    # (on CUDA: "Expected all tensors to be on the same device" in the first stage's forward).
+    lin = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"parameter 0.weight of stage 0 is also 2.weight of stage 1 \(tied weights\) "
+                                         "on another device"):
+        Pipeline([lin, nn.Tanh(), lin], ["cpu", "meta"], balance=[2, 1])
+    assert lin.weight.device.type == "cpu"
+    x = torch.randn(4, 4)
+    pipe = Pipeline([lin, nn.Tanh(), lin], ["cpu", "cpu"], balance=[2, 1], n_microbatches=2)  # one device: fine
+    torch.testing.assert_close(pipe(x), lin(torch.tanh(lin(x))))
 
 
 CUDA_DEVICE_PAIRS = [

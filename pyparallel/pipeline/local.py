@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .microbatch import check_n_microbatches, split_microbatches
-from .partition import split_stages
+from .partition import shared_across_stages, split_stages
 
 
 class Pipeline(nn.Module):
@@ -57,6 +57,10 @@ class Pipeline(nn.Module):
         self.devices = [torch.device(d) for d in devices]
         self.n_microbatches = check_n_microbatches(n_microbatches)
         stages = split_stages(layers, balance, n_stages=len(self.devices))
+        shared = shared_across_stages(stages, self.devices)
+        if shared is not None:  # else the first stage would find that weight on the second stage's device
+            raise ValueError(f"Pipeline: {shared} (tied weights) on another device; put the layers that share "
+                             "it in one stage or on one device, or untie them")
         self.stages = nn.ModuleList(stage.to(device) for stage, device in zip(stages, self.devices))
         self._streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for device in self.devices]
 
