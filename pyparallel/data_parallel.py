@@ -35,7 +35,8 @@ class DataParallel(nn.Module):
         comm_hook: ``hook(state, bucket) -> Future[Tensor]``, e.g. one of :mod:`pyparallel.hooks` or your
             own with the same signature (the one DDP's ``register_comm_hook`` takes). Default:
             :data:`pyparallel.reducer.DEFAULT_HOOK` (pyparallel's exact :func:`hooks.allreduce_hook`).
-        hook_state: the hook's state (default: a :class:`hooks.HookState` on ``process_group``); a
+        hook_state: the hook's state (default: a new state of the class the hook takes,
+            :func:`pyparallel.reducer.state_for`, else a :class:`hooks.HookState`, on ``process_group``); a
             :class:`hooks.HookState` without a registered model gets ``module`` registered.
         transport: which transport the hook's collectives use (``"auto"``, ``"ring"``, ``"shm"``,
             ``"hierarchical"``, ``"ipc"``; see :mod:`pyparallel.transport`); sets ``hook_state.transport``. Default:

@@ -14,6 +14,8 @@ every rank issues the same sequence of collectives.
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Iterable
 from typing import Any, Callable
 
@@ -41,6 +43,20 @@ DEFAULT_HOOK = hooks.allreduce_hook
 CommHook = Callable[[Any, Bucket], torch.futures.Future]
 
 
+def state_for(hook: CommHook, process_group: dist.ProcessGroup | None) -> hooks.HookState | None:
+    """A new state for ``hook`` on ``process_group`` when it is one of pyparallel's hooks (the HookState
+    subclass its first argument is annotated with: ``hooks.Int8State`` for ``hooks.int8_hook``), else None.
+
+    Without it a trainer given ``comm_hook=hooks.int8_hook`` and no state passed a plain HookState (or the
+    bare group) and the hook failed after backward with an AttributeError (no ``block_size``)."""
+    try:
+        first = next(iter(inspect.signature(hook).parameters))
+        wanted = typing.get_type_hints(hook).get(first)
+    except (TypeError, ValueError, NameError, StopIteration):  # no signature, or annotations that do not resolve
+        return None
+    return wanted(process_group) if isinstance(wanted, type) and issubclass(wanted, hooks.HookState) else None
+
+
 class Reducer:
     """Averages the gradients of ``params`` over ``process_group`` through ``comm_hook``, bucket by bucket.
 
@@ -51,7 +67,8 @@ class Reducer:
         comm_hook: ``hook(state, bucket) -> Future[Tensor]`` returning the bucket's reduced 1-D buffer, as
             for ``DistributedDataParallel.register_comm_hook`` (:mod:`pyparallel.hooks` or your own).
             Default: :data:`DEFAULT_HOOK`.
-        hook_state: the hook's state; default a :class:`hooks.HookState` on ``process_group``.
+        hook_state: the hook's state; default a new state of the class the hook takes (:func:`state_for`),
+            else a :class:`hooks.HookState`, on ``process_group``.
         bucket_cap_mb, first_bucket_mb: bucket sizes in MiB (defaults :data:`BUCKET_CAP_MB`,
             :data:`FIRST_BUCKET_MB`).
         transport: if given, sets ``hook_state.transport`` (``"auto"``, ``"ring"``, ``"shm"``,
@@ -82,7 +99,9 @@ class Reducer:
         self.params = [p for p in params if p.requires_grad]
         self.process_group = process_group
         self.comm_hook = comm_hook if comm_hook is not None else DEFAULT_HOOK
-        self.hook_state = hook_state if hook_state is not None else hooks.HookState(process_group)
+        if hook_state is None:
+            hook_state = state_for(self.comm_hook, process_group) or hooks.HookState(process_group)
+        self.hook_state = hook_state
         if transport is not None:
             self.hook_state.transport = check_transport(transport, name)
         self.buckets = ops.bucket_assignment(self.params, (int(first_bucket_mb * MB), int(bucket_cap_mb * MB)))

@@ -8,6 +8,7 @@ room for that and still catches any mistake of substance (a micro-batch weighted
 """
 
 import random
+import time
 
 import pytest
 import torch
@@ -207,6 +208,35 @@ def test_local_pipeline_cpu_equals_unsplit(n_microbatches, batch):
     _check_local_pipeline(["cpu", "cpu"], n_microbatches, batch)
 
 
+def test_local_pipeline_rejects_what_it_cannot_stream():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, 2 * x
+
+    class Sum(nn.Module):
+        def forward(self, pair):
+            return pair[0] + pair[1]
+
+    layers = [nn.Linear(4, 4), Pair(), Sum()]
+    # Stage 0 ends in a tuple (AttributeError: 'tuple' object has no attribute 'to'), or the last stage does
+    # (TypeError in torch.cat); a batch that is no tensor (AttributeError: no attribute 'device').
+    for balance, stage in [([2, 1], 0), ([1, 1], 1)]:
+        with pytest.raises(TypeError, match=f"stage {stage} returned a tuple; a stage must return one tensor"):
+            Pipeline(layers[:sum(balance)], ["cpu", "cpu"], balance=balance, n_microbatches=2)(torch.randn(4, 4))
+    with pytest.raises(TypeError, match="inputs must be a tensor whose dim 0 is the batch, got list"):
+        Pipeline(layers[:1], ["cpu"])([[1.0] * 4])
+    # A weight shared by stages on different devices: moving the second stage moved it away from the first
+    # (on CUDA: "Expected all tensors to be on the same device" in the first stage's forward).
+    lin = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"parameter 0.weight of stage 0 is also 2.weight of stage 1 \(tied weights\) "
+                                         "on another device"):
+        Pipeline([lin, nn.Tanh(), lin], ["cpu", "meta"], balance=[2, 1])
+    assert lin.weight.device.type == "cpu"
+    x = torch.randn(4, 4)
+    pipe = Pipeline([lin, nn.Tanh(), lin], ["cpu", "cpu"], balance=[2, 1], n_microbatches=2)  # one device: fine
+    torch.testing.assert_close(pipe(x), lin(torch.tanh(lin(x))))
+
+
 CUDA_DEVICE_PAIRS = [
     pytest.param(pair, marks=pytest.mark.skipif(torch.cuda.device_count() < need,
                                                 reason=f"needs {need} CUDA device(s)"))
@@ -289,6 +319,30 @@ def test_distributed_frozen_first_stage(dist_pool):
     dist_pool(2).run(_frozen_first_stage, random.randrange(2**20), timeout=TIMEOUT)
 
 
+def _inplace_at_cut(seed):
+    """A stage that starts with an in-place layer (the cut falls before ReLU(inplace=True)): the unsplit model
+    runs it, so the pipeline must too, on every rank (stage 1 raised, its peer waited for the timeout)."""
+    def model():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(inplace=True), nn.Linear(16, 16), nn.ReLU(inplace=True),
+                             nn.Linear(16, 5)).double()
+
+    x, y = _data(seed, 7)
+    reference = model()
+    F.cross_entropy(reference(x), y).backward()
+    for schedule in ("gpipe", "1f1b"):
+        full = model()
+        pipe = DistributedPipeline(full, F.cross_entropy, balance=[1, 4], n_microbatches=3, schedule=schedule)
+        pipe.step(x, y)
+        for (name, p), p_ref in zip(full.named_parameters(), reference.parameters()):
+            if id(p) in {id(q) for q in pipe.parameters()}:
+                torch.testing.assert_close(p.grad, p_ref.grad, **F64, msg=f"{schedule} {name}")
+
+
+def test_distributed_inplace_layer_at_cut(dist_pool):
+    dist_pool(2).run(_inplace_at_cut, random.randrange(2**20), timeout=TIMEOUT)
+
+
 def _expect_pipeline_error(match, step_inputs, step_targets, layers=None, **kwargs):
     pipe = DistributedPipeline(layers or _model(0), F.cross_entropy, **kwargs)
     with pytest.raises(PipelineError, match=match):
@@ -314,6 +368,27 @@ def _bad_steps():
                            x, y.double(), n_microbatches=2)
     with torch.no_grad():
         _expect_pipeline_error("step\\(\\) needs autograd", x, y, n_microbatches=2)
+    # BatchNorm in training rejects a micro-batch of one sample: the dry run must run in training mode to see
+    # it (in eval mode it passed, and stage 1 raised alone mid-step while stage 0 waited for the timeout).
+    def with_batch_norm():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 5)).double()
+
+    bn = with_batch_norm()
+    pipe = _expect_pipeline_error(r"stage 1 \(rank 1\) failed on an activation from stage 0 of shape \[1, 16\] and "
+                                  r"dtype torch.float64: ValueError: Expected more than 1 value per channel when "
+                                  r"training", x, y, bn, balance=[1, 3], n_microbatches=8)
+    # The dry runs leave no trace: after a good step the statistics are those of its two micro-batches alone.
+    pipe = DistributedPipeline(bn, F.cross_entropy, balance=[1, 3], n_microbatches=2)
+    pipe.step(x, y)
+    reference = with_batch_norm()
+    with torch.no_grad():
+        for chunk in x.tensor_split(2):
+            reference(chunk)
+    if pipe.grid.is_last:
+        assert bn[1].num_batches_tracked.item() == 2
+        torch.testing.assert_close(bn[1].running_mean, reference[1].running_mean, **F64)
+        torch.testing.assert_close(bn[1].running_var, reference[1].running_var, **F64)
     # The pool's ranks are still in step: a good step works after all the rejected ones.
     pipe = DistributedPipeline(_model(0), F.cross_entropy, n_microbatches=2)
     assert (pipe.step(x, y) is not None) == pipe.grid.is_last
@@ -328,6 +403,13 @@ def _bad_configurations():
     ]:
         with pytest.raises(error, match=match):
             DistributedPipeline(_model(0), F.cross_entropy, **kwargs)
+    # Tied weights across stages (an output layer reusing the embedding's matrix): each rank would train its
+    # own copy on part of the gradient. Within one stage, sharing is fine.
+    tied = _model(0)
+    tied[4].weight = tied[2].weight
+    with pytest.raises(ValueError, match=r"parameter 2.weight of stage 0 is also 4.weight of stage 1 \(tied weights\)"):
+        DistributedPipeline(tied, F.cross_entropy, balance=[3, 4])
+    DistributedPipeline(tied, F.cross_entropy, balance=[5, 2])  # 2 and 4 in stage 0
 
 
 def test_distributed_bad_configuration_raises_on_every_rank(dist_pool):
@@ -336,6 +418,38 @@ def test_distributed_bad_configuration_raises_on_every_rank(dist_pool):
 
 def test_distributed_bad_step_raises_on_every_rank(dist_pool):
     dist_pool(2).run(_bad_steps, timeout=TIMEOUT)
+
+
+def _stage_raises_mid_step():
+    """Stage 1 raises in the loss of micro-batch 1 (a target out of range: the dry run on zeros cannot see it)."""
+    pipe = DistributedPipeline(_model(0), F.cross_entropy, balance=[3, 4], n_microbatches=2)  # 1F1B
+    x, y = _data(0, 4)
+    y[3] = 99
+    start = time.monotonic()
+    try:
+        pipe.step(x, y)
+    except Exception as e:
+        return time.monotonic() - start, type(e).__name__, str(e)
+    return None
+
+
+def test_stage_raising_mid_step_is_named_by_its_peer():
+    # The group does not survive the timeout: a pool of its own, with a short timeout.
+    from dist_harness import WorkerPool
+    pool = WorkerPool(2, pg_timeout_s=5)
+    try:
+        (status0, failure0), (status1, failure1) = pool.outcomes(_stage_raises_mid_step, timeout=TIMEOUT)
+    finally:
+        pool.kill()
+    assert status1 == "ok" and failure1 is not None and failure1[1] == "IndexError", failure1
+    assert status0 == "ok" and failure0 is not None, failure0
+    elapsed, _, message = failure0
+    assert elapsed < 5 + 10, f"stage 0 raised after {elapsed:.1f} s, the group's timeout is 5 s"
+    # Stage 0 waits for micro-batch 1's gradient (F0 F1 B0 B1; stage 1 ran F0 B0 and raised in F1). Gloo's own
+    # message names neither the peer nor what was expected.
+    expected = "stage 0 (rank 0): receiving micro-batch 1's gradient from stage 1 (rank 1) failed"
+    assert message.startswith(expected), message
+    assert "did not call step() for this batch" in message, message
 
 
 def _activation_peaks(n_microbatches):
@@ -402,6 +516,18 @@ def _grid_default_hook(seed):
     got, expected, _ = _grid_case(seed, torch.float64, None)
     for name, grad in got.items():
         torch.testing.assert_close(grad, expected[name], **F64, msg=name)
+    # Replicas with batches of different sizes (9 and 5 of 14 samples): still the gradient of the concatenation
+    # (it was the average of the two batches' mean-loss gradients), and each replica's own mean loss.
+    full = _model(seed)
+    pipe = DistributedPipeline(full, F.cross_entropy, n_stages=2, n_microbatches=3)
+    x, y = _data(seed, 14)
+    mine = slice(0, 9) if pipe.grid.replica == 0 else slice(9, 14)
+    loss = pipe.step(x[mine], y[mine])
+    _, grads_ref = _reference_grads(seed, x, y)
+    for name, grad in _stage_grads(full, pipe).items():
+        torch.testing.assert_close(grad, grads_ref[name], **F64, msg=f"uneven replicas: {name}")
+    if pipe.grid.is_last:
+        torch.testing.assert_close(loss, _reference_grads(seed, x[mine], y[mine])[0], **F64)
     # A step rejected by one replica (wrong targets on rank 3) is rejected by all four ranks.
     pipe = DistributedPipeline(_model(seed), F.cross_entropy, n_stages=2, n_microbatches=2)
     x, y = _data(seed, 8)
@@ -409,6 +535,23 @@ def _grid_default_hook(seed):
     match = "targets have batch size 7" if bad_replica else "another data-parallel replica rejected"
     with pytest.raises(PipelineError, match=match):
         pipe.step(x, y[:7] if bad_replica else y)
+
+
+def _grid_replicas_start_equal(seed):
+    """Replicas built from different seeds (a per-rank seed) start from the first replica's parameters;
+    before, they stayed apart forever. Replicas of different shapes raise on every rank of the grid."""
+    full = _model(seed + dist.get_rank())
+    pipe = DistributedPipeline(full, F.cross_entropy, n_stages=2, n_microbatches=2)
+    first = _model(seed + pipe.grid.rank_of(pipe.grid.stage, 0))
+    mine = {id(p) for p in pipe.parameters()}
+    for (name, p), p_first in zip(full.named_parameters(), first.parameters()):
+        if id(p) in mine:
+            assert torch.equal(p, p_first), name
+    narrow = dist.get_rank() == 3  # a replica of stage 1
+    with pytest.raises(ValueError, match=r"the replicas of stage 1 \(global ranks 2 and 3, ranks 0 and 1 of its "
+                                         r"data group\) must hold the same layers, but parameter 4.weight has shape "
+                                         r"\[16, 16\] and dtype torch.float64 on rank 0 but shape \[15, 15\]"):
+        DistributedPipeline(_model(seed, width=15 if narrow else 16), F.cross_entropy, balance=[3, 4])
 
 
 def _grid_int8_trains(seed):
@@ -450,6 +593,36 @@ def test_grid_with_pyparallel_int8_hook(dist_pool):
 
 def test_grid_default_hook_equals_unsplit(dist_pool):
     dist_pool(4).run(_grid_default_hook, random.randrange(2**20), timeout=TIMEOUT)
+
+
+def _grid_pyparallel_hooks_without_state(seed):
+    """pyparallel's hooks given without a state get a state of the class they take on the data group (they got
+    the bare group: an AttributeError on the ProcessGroup after backward)."""
+    from pyparallel import hooks
+
+    full = _model(seed)
+    pipe = DistributedPipeline(full, F.cross_entropy, n_stages=2, n_microbatches=3, comm_hook=hooks.allreduce_hook)
+    x, y = _data(seed, 16)
+    half = slice(8 * pipe.grid.replica, 8 * pipe.grid.replica + 8)
+    pipe.step(x[half], y[half])
+    _, grads_ref = _reference_grads(seed, x, y)
+    for name, grad in _stage_grads(full, pipe).items():
+        torch.testing.assert_close(grad, grads_ref[name], **F64, msg=name)
+    full = _model(seed, torch.float32)
+    pipe = DistributedPipeline(full, F.cross_entropy, n_stages=2, n_microbatches=3, comm_hook=hooks.int8_hook)
+    x, y = _data(seed, 16, torch.float32)
+    pipe.step(x[half], y[half])
+    return [p.grad for p in pipe.parameters()]
+
+
+def test_grid_pyparallel_hooks_without_state(dist_pool):
+    grads = dist_pool(4).run(_grid_pyparallel_hooks_without_state, random.randrange(2**20), timeout=TIMEOUT)
+    for a, b in [(0, 1), (2, 3)]:  # the int8 ring: replicas of a stage decode the same bytes
+        assert all(torch.equal(g, h) for g, h in zip(grads[a], grads[b]))
+
+
+def test_grid_replicas_start_equal(dist_pool):
+    dist_pool(4).run(_grid_replicas_start_equal, random.randrange(2**20), timeout=TIMEOUT)
 
 
 def test_grid_int8_hook_trains(dist_pool):

@@ -71,6 +71,27 @@ def _bad_hooks():
     return message, None
 
 
+def _hooks_without_state():
+    """pyparallel's hooks given without a state get one of the class they take (a plain HookState raised
+    AttributeError: no 'block_size' / 'iteration' after backward); torch's hooks keep what they had."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    states = []
+    for hook in (hooks.int8_hook, hooks.topk_hook, hooks.allreduce_hook):
+        model = _model(0)
+        dp = pyparallel.DataParallel(model, comm_hook=hook)
+        dp(torch.randn(4, 64)).sum().backward()
+        states.append(type(dp.hook_state))
+    assert states == [hooks.Int8State, hooks.TopkState, hooks.HookState]
+    assert reducer.state_for(default_hooks.allreduce_hook, None) is None
+    sync = GradSync(_model(0).parameters(), dist.group.WORLD, default_hooks.allreduce_hook)
+    assert sync._reducer.hook_state is dist.group.WORLD
+
+
+def test_hooks_without_state_get_theirs(dist_pool):
+    dist_pool(2).run(_hooks_without_state)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_reduce_and_gradsync_default_average(dist_pool, dtype):
     results = dist_pool(2).run(_reduce_directly, random.randrange(2**20), dtype)

@@ -9,12 +9,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..consistency import check_same
+from ..consistency import broadcast_from_first_rank, check_same, first_difference, gather, tensor_specs
 from .grad_sync import CommHook, GradSync
 from .grid import ProcessGrid
 from .handshake import StepHandshake
 from .microbatch import check_n_microbatches
-from .partition import split_stages
+from .partition import name_in_model, shared_across_stages, split_stages
 from .runtime import run_stage
 from .schedule import check_schedule, stage_actions
 
@@ -22,17 +22,30 @@ from .schedule import check_schedule, stage_actions
 class DistributedPipeline:
     """Trains a layer-split model with one stage per rank, GPipe or 1F1B, micro-batched.
 
-    Every rank builds the same model (same seed) and keeps only its own stage. Every rank calls
+    Every rank builds the same model and keeps only its own stage; the replicas of a stage start from the
+    parameters and buffers of its first replica (broadcast at construction). Every rank calls
     ``step(inputs, targets)``; the first stage reads ``inputs``, the last ``targets``, the others may
     pass None. Activations travel forward and gradients backward point-to-point (Gloo on CPU, NCCL on
     GPU). With ``world = n_stages * d`` ranks, ``d`` pipelines run side by side (:class:`ProcessGrid`
     documents the layout) and each stage's gradients are averaged over its data group by ``comm_hook``
-    after backward. Gradients and loss equal the unsplit model's on the concatenation of the replicas'
-    batches (up to the order of floating-point sums).
+    after backward. Gradients equal the unsplit model's on the concatenation of the replicas' batches (up to
+    the order of floating-point sums), also when the replicas' batches differ in size, with a hook that
+    averages (the default); the loss returned is that of this pipeline's batch.
 
     A bad step (inputs or targets of the wrong type or size, a stage that rejects its input's shape, a
     loss function that fails) raises :class:`PipelineError` on every rank before any activation moves;
-    see Note [Step handshake] in handshake.py.
+    see Note [Step handshake] in handshake.py. Errors that depend on the batch's values (an index out of
+    range, a BatchNorm in training given a micro-batch of one sample) raise on their rank during the step;
+    its peers raise at the process group's timeout, naming the transfer they waited for.
+
+    What equals the unsplit model and what does not: layers that use the whole batch see micro-batches
+    (BatchNorm in training normalises each micro-batch by its own statistics and updates its running
+    statistics once per micro-batch, as in GPipe); random layers (dropout) draw from each rank's own
+    generator, micro-batch by micro-batch, so their masks differ from the unsplit model's (seed replicas
+    differently for independent masks: their parameters are broadcast anyway). Stages pass one
+    floating-point tensor each (a tuple, a dict or integer ids between stages are refused; the first
+    stage may take integer ids) and cannot share parameters (tied weights are refused). ``step`` trains;
+    there is no pipelined inference.
 
     Args:
         layers: an ``nn.Sequential`` or a list of modules, the whole model.
@@ -50,7 +63,9 @@ class DistributedPipeline:
             pyparallel's exact ``hooks.allreduce_hook`` (average; the default of every trainer,
             :mod:`pyparallel.reducer`). Unused without replicas.
         hook_state: the hook's state; default a ``hooks.HookState`` on the data group without
-            ``comm_hook``, the data group itself with one (the state torch's own hooks take).
+            ``comm_hook``; with one of pyparallel's hooks, a new state of the class it takes (e.g.
+            ``hooks.Int8State``) on the data group; with another hook, the data group itself (the state
+            torch's own hooks take).
         grid: a :class:`ProcessGrid` made beforehand (e.g. to build ``hook_state`` on its data group);
             by default one is created (collective).
 
@@ -80,6 +95,12 @@ class DistributedPipeline:
             if n_stages is None:
                 n_stages = grid.n_stages if grid is not None else dist.get_world_size()
             stages = split_stages(layers, balance, n_stages)
+            # Each rank keeps its own stage, so a tied weight (an embedding reused by the output layer) would
+            # become one independent copy per stage, each trained on part of its gradient: refuse it.
+            shared = shared_across_stages(stages)
+            if shared is not None:
+                raise ValueError(f"{shared} (tied weights): a pipeline stage cannot share parameters with another "
+                                 "stage; put the layers that share it in one stage, or untie them")
             if grid is not None and grid.n_stages != n_stages:
                 raise ValueError(f"grid has {grid.n_stages} stages but the model is split into {n_stages}")
             config = (f"balance {[len(s) for s in stages]}, n_microbatches {self.n_microbatches}, "
@@ -93,11 +114,39 @@ class DistributedPipeline:
             device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
         self.device = torch.device(device)
         self.module = stages[self.grid.stage].to(self.device)
+        if self.grid.data_size > 1:
+            self._start_replicas_equal(sum(len(s) for s in stages[:self.grid.stage]))
         self.loss_fn = loss_fn
         self._prefetch_receives = dist.get_backend() != "nccl"  # Note [When to post receives], p2p.py
         self._handshake = StepHandshake(self.module, self.grid, self.device, self.n_microbatches, loss_fn)
         self._grad_sync = (GradSync(self.module.parameters(), self.grid.data_group, comm_hook, hook_state)
                            if self.grid.data_group is not None else None)
+
+    def _start_replicas_equal(self, offset: int) -> None:
+        """Gives every replica of a stage the parameters and buffers of the stage's first replica.
+
+        The gradient average keeps replicas equal only if they start equal; replicas built with different
+        seeds (a per-rank seed for data or dropout) trained apart forever, silently, and replicas of different
+        shapes would make the all-reduce abort or mix bytes. As DataParallel does: first every rank compares
+        the shapes of every stage's replicas (one all-gather over the world, so that a mismatch in one data
+        group raises on every rank, not only in that group), then each data group broadcasts from its first rank.
+        """
+        grid = self.grid
+        specs = {kind: tensor_specs((name_in_model(name, offset), t) for name, t in named)
+                 for kind, named in [("parameter", self.module.named_parameters()),
+                                     ("buffer", self.module.named_buffers())]}
+        everyone = gather(specs)
+        for stage in range(grid.n_stages):
+            first = everyone[grid.rank_of(stage, 0)]
+            for replica in range(1, grid.data_size):
+                theirs = everyone[grid.rank_of(stage, replica)]
+                for kind in first:
+                    diff = first_difference(kind, first[kind], theirs[kind], replica)
+                    if diff is not None:
+                        raise ValueError(f"DistributedPipeline: the replicas of stage {stage} (global ranks "
+                                         f"{grid.rank_of(stage, 0)} and {grid.rank_of(stage, replica)}, ranks 0 and "
+                                         f"{replica} of its data group) must hold the same layers, but {diff}")
+        broadcast_from_first_rank(list(self.module.parameters()) + list(self.module.buffers()), grid.data_group)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """This rank's stage's parameters (give them to the optimizer)."""

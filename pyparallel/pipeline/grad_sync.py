@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..reducer import CommHook, Reducer
+from ..reducer import CommHook, Reducer, state_for
 
 __all__ = ["CommHook", "GradSync"]
 
@@ -28,8 +28,10 @@ class GradSync:
             pyparallel's exact :func:`pyparallel.hooks.allreduce_hook` (it was torch's ``allreduce_hook``
             before the reducer was shared).
         state: the hook's state. Default: with no ``hook``, a :class:`pyparallel.hooks.HookState` on
-            ``process_group``; with a ``hook``, ``process_group`` itself (the state torch's own hooks,
-            such as ``default_hooks.allreduce_hook``, take).
+            ``process_group``; with one of pyparallel's hooks, a new state of the class its ``state``
+            argument is annotated with (``hooks.Int8State`` for ``hooks.int8_hook``) on ``process_group``;
+            with another hook, ``process_group`` itself (the state torch's own hooks, such as
+            ``default_hooks.allreduce_hook``, take).
 
     Example:
         >>> sync = GradSync(stage.parameters(), grid.data_group)
@@ -39,9 +41,11 @@ class GradSync:
     def __init__(self, params: Iterable[torch.nn.Parameter], process_group: dist.ProcessGroup,
                  hook: CommHook | None = None, state: Any = None):
         if hook is not None and state is None:
-            state = process_group
+            # pyparallel's hooks need their HookState subclass; torch's hooks take the group itself
+            state = state_for(hook, process_group) or process_group
         self._reducer = Reducer(params, process_group, hook, state, name="GradSync")
 
     def reduce(self) -> None:
         """Replaces every gradient by the hook's reduction over the data group (missing gradients count as 0)."""
         self._reducer.reduce()
+

@@ -6,17 +6,19 @@ Before any activation moves, the stages of one pipeline agree that the step can 
    dtypes of its input micro-batches. A key every stage has seen before (each keeps the same bounded
    cache, filled in the same order) means the activation shapes are known. A new key is followed by an
    object message with the shapes: each stage dry-runs its layers on zeros of the shapes it receives
-   (eval mode, no autograd, so no state changes) to learn the shapes it will send. The first error found
+   (in the mode the step runs in, without autograd, its buffers and random generators restored after, so
+   no state changes) to learn the shapes it will send. The first error found
    travels on instead of the shapes, and the key becomes INVALID_KEY.
 2. The last stage checks the targets and the loss function on them; then a verdict travels back, stage to
    stage: 0, or 1 followed by the error text.
-3. With data replicas, each data group all-reduces the verdict flag (MAX), so a step rejected by one
-   pipeline stops every pipeline (the gradient all-reduce would otherwise wait forever).
+3. With data replicas, each data group sums the verdict flag and the batch size, so a step rejected by one
+   pipeline stops every pipeline (the gradient all-reduce would otherwise wait forever), and the last stage
+   weighs its samples by the batch size over all replicas (the replicas' batches may differ in size).
 Then every rank either raises the same PipelineError or knows the exact shape of every buffer it will
 receive. The steady state costs one 16-byte message forward and one 8-byte message back per stage
-boundary per step, plus a one-element all-reduce with replicas. Errors that depend on the values in the
+boundary per step, plus a two-element all-reduce with replicas. Errors that depend on the values in the
 batch (an index out of range) cannot be seen by the dry run: they raise on their rank during the step and
-its peers fail at the process group's timeout.
+its peers fail at the process group's timeout, naming the transfer they waited for (p2p.naming_the_transfer).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class StepPlan:
     input_chunks: list[torch.Tensor] | None = None  # first stage
     target_chunks: list[torch.Tensor] | None = None  # last stage
     weights: list[float] | None = None  # last stage: n_i / N, the weight of micro-batch i's mean loss
+    grad_weights: list[float] | None = None  # last stage: n_i * d / (N summed over the d replicas); see _agree
 
 
 class StepHandshake:
@@ -115,9 +118,15 @@ class StepHandshake:
                 p2p.send_object(error if error is not None else plan.out_specs, grid.next_rank, self.device)
         if grid.is_last and error is None:
             error = self._read_targets(targets, batch, plan)
-        verdict = self._agree(error)
+        verdict, all_replicas_batch = self._agree(error, batch)
         if verdict is not None:
             raise PipelineError(verdict)
+        if grid.is_last:
+            # The data group averages gradients over its d replicas; weighting each micro-batch's mean loss by
+            # n_i * d / (N of all replicas) instead of n_i / N makes that average the gradient of the
+            # concatenated batches even when replicas have batches of different sizes (the same weights,
+            # bitwise, when they are equal or without replicas).
+            plan.grad_weights = [c.shape[0] * grid.data_size / all_replicas_batch for c in plan.target_chunks]
         if key not in self._specs:
             _remember(self._specs, key, (plan.in_specs, plan.out_specs))
         return plan
@@ -137,7 +146,7 @@ class StepHandshake:
         source = "an input micro-batch" if self.grid.is_first else f"an activation from stage {self.grid.stage - 1}"
         for spec in dict.fromkeys(in_specs):  # distinct specs (at most two sizes), in order
             try:
-                with torch.no_grad(), _eval_mode(self.module):
+                with torch.no_grad(), _state_restored(self.module, self.device):
                     out = self.module(spec.zeros(self.device))
             except Exception as exc:  # any failure of user code becomes a PipelineError on every rank
                 return [], f"{self.name} failed on {source} of {spec}: {type(exc).__name__}: {exc}"
@@ -173,8 +182,9 @@ class StepHandshake:
             _remember(self._losses_checked, pair, None)
         return None
 
-    def _agree(self, error: str | None) -> str | None:
-        """Steps 2 and 3 of Note [Step handshake]: the verdict every rank acts on."""
+    def _agree(self, error: str | None, batch: int) -> tuple[str | None, int]:
+        """Steps 2 and 3 of Note [Step handshake]: the verdict every rank acts on, and the batch size summed
+        over the data group (``batch`` without replicas)."""
         grid = self.grid
         verdict = error
         if not grid.is_last:
@@ -185,12 +195,14 @@ class StepHandshake:
             if verdict is not None:
                 p2p.send_object(verdict, grid.prev_rank, self.device)
         if grid.data_group is not None:
-            any_failed = torch.tensor([verdict is not None], dtype=torch.int64, device=self.device)
-            dist.all_reduce(any_failed, op=dist.ReduceOp.MAX, group=grid.data_group)
-            if any_failed.item() and verdict is None:
+            summed = torch.tensor([verdict is not None, batch], dtype=torch.int64, device=self.device)
+            with p2p.naming_the_transfer(f"{self.name}: the step handshake's all-reduce over the stage's data group"):
+                dist.all_reduce(summed, group=grid.data_group)
+            n_failed, batch = summed.tolist()
+            if n_failed and verdict is None:
                 verdict = (f"{self.name}: another data-parallel replica rejected this step (its ranks raise "
                            "the reason); every rank of the grid stops")
-        return verdict
+        return verdict, batch
 
 
 def _key_of(specs: list[Spec]) -> int:
@@ -207,12 +219,20 @@ def _remember(cache: OrderedDict, key, value) -> None:
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    """Eval mode for a dry run (no batch-norm statistics updated), restoring each submodule's own flag."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+def _state_restored(module: nn.Module, device: torch.device):
+    """Runs a dry run in the module's own mode and then puts back its buffers and the random generators.
+
+    Not eval mode: a layer that rejects a shape only in training (BatchNorm given one sample per channel)
+    passed an eval-mode dry run and then raised on its rank alone, mid-step, its peers waiting for the
+    group's timeout; and a layer whose output shape depends on the mode broke the buffers fixed here.
+    Training mode updates batch-norm statistics (buffers, copied back) and draws dropout masks (the
+    generators are forked), so the step that follows runs as if there had been no dry run.
+    """
+    saved = [(b, b.clone()) for b in module.buffers()]
+    devices = [device] if device.type == "cuda" else []
     try:
-        yield
+        with torch.random.fork_rng(devices=devices):
+            yield
     finally:
-        for m, training in modes:
-            m.training = training
+        for b, value in saved:
+            b.copy_(value)

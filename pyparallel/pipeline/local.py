@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .microbatch import check_n_microbatches, split_microbatches
-from .partition import split_stages
+from .partition import shared_across_stages, split_stages
 
 
 class Pipeline(nn.Module):
@@ -30,7 +30,10 @@ class Pipeline(nn.Module):
 
     ``forward`` splits the batch into micro-batches, streams them through the stages and concatenates the
     outputs on the last device; call ``backward`` on a loss of the output as with the unsplit model. The
-    result and the gradients equal the unsplit model's (up to the order of floating-point sums).
+    result and the gradients equal the unsplit model's (up to the order of floating-point sums), except
+    where a layer depends on the whole batch or on random numbers: BatchNorm in training normalises each
+    micro-batch by its own statistics (and updates its running statistics once per micro-batch), and
+    dropout draws its masks in another order than the unsplit model. Each stage returns one tensor.
 
     Args:
         layers: an ``nn.Sequential`` or a list of modules (moved to their stage's device).
@@ -54,13 +57,18 @@ class Pipeline(nn.Module):
         self.devices = [torch.device(d) for d in devices]
         self.n_microbatches = check_n_microbatches(n_microbatches)
         stages = split_stages(layers, balance, n_stages=len(self.devices))
+        shared = shared_across_stages(stages, self.devices)
+        if shared is not None:  # else the first stage would find that weight on the second stage's device
+            raise ValueError(f"Pipeline: {shared} (tied weights) on another device; put the layers that share "
+                             "it in one stage or on one device, or untie them")
         self.stages = nn.ModuleList(stage.to(device) for stage, device in zip(stages, self.devices))
         self._streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for device in self.devices]
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Runs the batch through all stages; returns the output on the last stage's device."""
+        chunks = split_microbatches(batch, self.n_microbatches)  # first: it names a batch that is no tensor
         ready_event = _record_current(batch.device)
-        tasks = [(chunk, ready_event) for chunk in split_microbatches(batch, self.n_microbatches)]
+        tasks = [(chunk, ready_event) for chunk in chunks]
         n_stages, m = len(self.stages), len(tasks)
         for clock in range(m + n_stages - 1):
             for stage in range(max(0, clock - m + 1), min(n_stages, clock + 1)):
@@ -72,6 +80,9 @@ class Pipeline(nn.Module):
         device, stream = self.devices[stage], self._streams[stage]
         with torch.cuda.stream(stream):  # a no-op for None (CPU stages)
             y = self.stages[stage](_move(x, ready, device, stream))
+            if not isinstance(y, torch.Tensor):  # it would fail in the next stage's move or the final cat, unclearly
+                raise TypeError(f"Pipeline: stage {stage} returned a {type(y).__name__}; a stage must return one "
+                                "tensor (it is moved to the next stage's device and concatenated over micro-batches)")
             return y, stream.record_event() if stream is not None else None
 
 

@@ -16,6 +16,7 @@ torch.distributed.pipelining fuses them.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 import torch
@@ -23,11 +24,29 @@ import torch.distributed as dist
 
 
 class Receive(NamedTuple):
-    """What an action receives before it runs: a tensor of ``shape`` and ``dtype`` from ``peer``."""
+    """What an action receives before it runs: a tensor of ``shape`` and ``dtype`` from ``peer``; ``what``
+    names it in errors."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     peer: int
+    what: str = "a receive"
+
+
+@contextlib.contextmanager
+def naming_the_transfer(what: str):
+    """Re-raises a transfer that failed (the group's timeout, a closed connection) saying what this rank was
+    waiting for and why that happens: the backend's message names neither the peer nor the step."""
+    try:
+        yield
+    except RuntimeError as exc:
+        message = (f"{what} failed: {exc}\nThe peer raised during this step (see its error), died, or did not call "
+                   "step() for this batch: every rank of the pipeline must call step() once per batch")
+        try:
+            new = type(exc)(message)  # the same type (DistBackendError), for callers that catch it
+        except Exception:
+            new = RuntimeError(message)
+        raise new from exc
 
 
 class StageTransfers:
@@ -66,8 +85,10 @@ class StageTransfers:
         if action not in self._posted:
             return None
         buffer, works = self._posted.pop(action)
-        for work in works:
-            work.wait()
+        spec = self._receives[action]
+        with naming_the_transfer(spec.what):
+            for work in works:
+                work.wait()
         self._sends = [(work, t) for work, t in self._sends if not work.is_completed()]
         return buffer
 
@@ -81,8 +102,9 @@ class StageTransfers:
     def finish(self) -> None:
         """Posts what is left and waits until every send has completed."""
         self._post_batch([])
-        for work, _ in self._sends:
-            work.wait()
+        with naming_the_transfer(f"rank {dist.get_rank()}: this step's sends"):
+            for work, _ in self._sends:
+                work.wait()
         self._sends = []
 
     def _buffer(self, action: int) -> torch.Tensor:
@@ -104,20 +126,24 @@ class StageTransfers:
 
 
 def send_object(obj: Any, peer: int, device: torch.device) -> None:
-    dist.send_object_list([obj], dst=peer, device=device)
+    with naming_the_transfer(f"rank {dist.get_rank()}: the step handshake's send to rank {peer}"):
+        dist.send_object_list([obj], dst=peer, device=device)
 
 
 def recv_object(peer: int, device: torch.device) -> Any:
     received = [None]
-    dist.recv_object_list(received, src=peer, device=device)
+    with naming_the_transfer(f"rank {dist.get_rank()}: the step handshake's receive from rank {peer}"):
+        dist.recv_object_list(received, src=peer, device=device)
     return received[0]
 
 
 def send_ints(values: list[int], peer: int, device: torch.device) -> None:
-    dist.send(torch.tensor(values, dtype=torch.int64, device=device), dst=peer)
+    with naming_the_transfer(f"rank {dist.get_rank()}: the step handshake's send to rank {peer}"):
+        dist.send(torch.tensor(values, dtype=torch.int64, device=device), dst=peer)
 
 
 def recv_ints(count: int, peer: int, device: torch.device) -> list[int]:
     received = torch.empty(count, dtype=torch.int64, device=device)
-    dist.recv(received, src=peer)
+    with naming_the_transfer(f"rank {dist.get_rank()}: the step handshake's receive from rank {peer}"):
+        dist.recv(received, src=peer)
     return received.tolist()

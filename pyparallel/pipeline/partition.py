@@ -109,3 +109,41 @@ def split_stages(layers: nn.Sequential | Sequence[nn.Module], balance: Sequence[
         stages.append(nn.Sequential(*items[start:start + count]))
         start += count
     return stages
+
+
+def shared_across_stages(stages: Sequence[nn.Sequential], devices: Sequence | None = None) -> str | None:
+    """Describes the first parameter that two stages share (tied weights, a layer listed twice), or None.
+
+    Within a stage sharing is fine (autograd sums the uses); across stages it is not where each stage lives
+    on its own rank (every copy would get only its own stage's part of the gradient and train apart) or on
+    its own device (moving the later stage moves the parameter away from the earlier one). With ``devices``
+    (one per stage), only sharing between stages on different devices counts. Parameters are named as in
+    the unsplit ``nn.Sequential`` (layer index, then the layer's own name).
+
+    Example:
+        >>> lin = nn.Linear(4, 4)
+        >>> shared_across_stages(split_stages([lin, nn.Tanh(), lin], [2, 1]))
+        'parameter 0.weight of stage 0 is also 2.weight of stage 1'
+    """
+    owner: dict[int, tuple[int, str]] = {}
+    offset = 0
+    for s, stage in enumerate(stages):
+        for name, p in stage.named_parameters():  # duplicates within one stage are listed once
+            name = name_in_model(name, offset)
+            first = owner.setdefault(id(p), (s, name))
+            if first[0] != s and (devices is None or devices[first[0]] != devices[s]):
+                return f"parameter {first[1]} of stage {first[0]} is also {name} of stage {s}"
+        offset += len(stage)
+    return None
+
+
+def name_in_model(name: str, offset: int) -> str:
+    """The unsplit ``nn.Sequential``'s name of a stage's parameter or buffer ``name``, the stage starting at
+    layer ``offset``.
+
+    Example:
+        >>> name_in_model("1.weight", 3)
+        '4.weight'
+    """
+    index, _, rest = name.partition(".")
+    return f"{offset + int(index)}.{rest}"

@@ -1,8 +1,9 @@
 """Executes one stage's schedule for one step, exchanging activations and gradients with its neighbours.
 
 Receives are posted ahead of time where the backend allows it (Note [When to post receives], p2p.py) and
-sends complete in the background while the stage computes. A stage's input for micro-batch i is a leaf
-tensor that requires grad, so backward leaves the gradient to send upstream in its ``.grad``.
+sends complete in the background while the stage computes. A stage's input for micro-batch i is the
+received buffer, made part of the graph by :class:`_StageInput`, whose backward catches the gradient to
+send upstream.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .grid import ProcessGrid
@@ -34,24 +36,29 @@ def run_stage(module: nn.Module, actions: list[Action], plan: StepPlan, grid: Pr
 
     Returns:
         On the last stage the batch's loss, ``sum_i n_i / N * loss_i`` (detached); otherwise None.
-        Parameter gradients are accumulated into ``.grad`` as by ``loss.backward()`` on that loss.
+        Parameter gradients are accumulated into ``.grad`` as by ``loss.backward()`` on that loss, scaled
+        by ``plan.grad_weights`` where data replicas' batches differ in size (Note [Step handshake]).
     """
     transfers = StageTransfers([_receive_of(action, plan, grid) for action in actions], device, prefetch)
-    stage_inputs: dict[int, torch.Tensor] = {}
+    anchor = torch.empty(0, device=device, requires_grad=True)  # makes _StageInput's output require grad
+    stage_inputs: dict[int, _Received] = {}  # forward done, backward not yet: where the input's gradient lands
     pending: dict[int, torch.Tensor] = {}  # forward done, backward not yet: output (or weighted loss on the last stage)
     total_loss = None
     for k, (forward, i) in enumerate(actions):
         received = transfers.receive(k)
         if forward:
-            x = plan.input_chunks[i] if grid.is_first else received.requires_grad_()
-            if not grid.is_first:
-                stage_inputs[i] = x
+            if grid.is_first:
+                x = plan.input_chunks[i]
+            else:
+                stage_inputs[i] = _Received(received)
+                x = _StageInput.apply(anchor, stage_inputs[i])
             y = module(x)
             _check_output(y, plan.out_specs[i], grid.stage, i)
             if grid.is_last:
-                loss = loss_fn(y, plan.target_chunks[i]) * plan.weights[i]
-                total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
-                pending[i] = loss
+                loss = loss_fn(y, plan.target_chunks[i])
+                reported = loss.detach() * plan.weights[i]
+                total_loss = reported if total_loss is None else total_loss + reported
+                pending[i] = loss * plan.grad_weights[i]
             else:
                 pending[i] = y
                 transfers.send(y.detach(), grid.next_rank)
@@ -59,20 +66,54 @@ def run_stage(module: nn.Module, actions: list[Action], plan: StepPlan, grid: Pr
             out = pending.pop(i)
             if out.requires_grad:  # False on a frozen first stage: nothing to differentiate, nothing to send
                 torch.autograd.backward(out, grad_tensors=received)
-            if not grid.is_first:
-                x = stage_inputs.pop(i)
-                transfers.send(x.grad if x.grad is not None else torch.zeros_like(x), grid.prev_rank)
+            if not grid.is_first:  # no gradient: the stage's output does not depend on its input
+                grad = stage_inputs.pop(i).grad
+                transfers.send(grad if grad is not None else plan.in_specs[i].zeros(device), grid.prev_rank)
     transfers.finish()
     return total_loss
+
+
+class _Received:
+    """A received activation on its way into the stage, and then the gradient that backward computed for it."""
+
+    __slots__ = ("buffer", "grad")
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer, self.grad = buffer, None
+
+
+class _StageInput(torch.autograd.Function):
+    """Returns the received buffer as a tensor of the graph; backward stores the buffer's gradient.
+
+    Why not make the buffer a leaf that requires grad and read its ``.grad``: autograd refuses in-place
+    operations on such a leaf, and a stage may start with one (``nn.ReLU(inplace=True)`` right after the cut,
+    which the unsplit model runs without complaint). The dry run runs without autograd and cannot see it, so
+    one rank raised mid-step while its peers waited for the group's timeout. The buffer is not an input of
+    this Function, so its output is no view of a leaf but an ordinary intermediate tensor: an in-place
+    operation rebases its history and the gradient that reaches this backward is still the input's.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, received: _Received) -> torch.Tensor:
+        ctx.received = received
+        buffer, received.buffer = received.buffer, None  # the graph keeps the buffer only as long as it needs it
+        return buffer
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.received.grad = grad
+        return None, None
 
 
 def _receive_of(action: Action, plan: StepPlan, grid: ProcessGrid) -> Receive | None:
     """A forward receives its input from the previous stage, a backward its output's gradient from the next."""
     forward, i = action
     if forward and not grid.is_first:
-        return Receive(*plan.in_specs[i], grid.prev_rank)
+        return Receive(*plan.in_specs[i], grid.prev_rank, f"stage {grid.stage} (rank {dist.get_rank()}): receiving "
+                       f"micro-batch {i}'s activation from stage {grid.stage - 1} (rank {grid.prev_rank})")
     if not forward and not grid.is_last:
-        return Receive(*plan.out_specs[i], grid.next_rank)
+        return Receive(*plan.out_specs[i], grid.next_rank, f"stage {grid.stage} (rank {dist.get_rank()}): receiving "
+                       f"micro-batch {i}'s gradient from stage {grid.stage + 1} (rank {grid.next_rank})")
     return None
 
 
