@@ -165,7 +165,10 @@ class CharLM:
         return CharTransformer(a.context, a.d_model, a.n_layers, a.n_heads, a.seed)
 
     def optimizer(self, params) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=self.args.lr, weight_decay=0.01)
+        # fused: one kernel over every parameter. On one CPU thread, this model's AdamW step took 7.3 ms
+        # with torch's default (a loop over the tensors), 12.3 ms with foreach=True and 2.9 ms fused, next to
+        # a 20 ms forward + backward at batch 1 (2026-12-02, the 2-core VM).
+        return torch.optim.AdamW(params, lr=self.args.lr, weight_decay=0.01, fused=True)
 
     def steps_per_epoch(self, world: int) -> int:
         return self.args.steps_per_epoch
