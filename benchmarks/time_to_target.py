@@ -61,6 +61,7 @@ def add_arguments(p) -> None:
     p.add_argument("--ttt-max-steps", type=int, default=3000, help="ttt: and at most this many steps")
     p.add_argument("--ttt-eval-every", type=int, default=25, help="ttt: steps between evaluations")
     p.add_argument("--ttt-batch-size", type=int, default=4, help="ttt: sequences of 64 bytes per rank and step")
+    p.add_argument("--ttt-seed", type=int, default=0, help="ttt: seed of the model's initialisation and the data order")
     p.add_argument("--ttt-rows", default=None,
                    help="ttt: comma list of row names to run (the first must be the DDP fp32 row); default all")
 
@@ -69,7 +70,7 @@ def _train_options(args, max_steps: int) -> list[str]:
     every = args.ttt_eval_every
     return ["--task", "charlm", "--ddp", "torch", "--batch-size", str(args.ttt_batch_size),
             "--steps-per-epoch", str(every), "--epochs", str(math.ceil(max_steps / every)),
-            "--threads", str(args.threads), "--no-progress"]
+            "--threads", str(args.threads), "--seed", str(args.ttt_seed), "--no-progress"]
 
 
 def _points(result: dict, start_wire: int | None, analytic_per_step: float | None) -> list[dict]:
