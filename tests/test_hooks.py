@@ -198,25 +198,33 @@ def _second_backward_through_one_forward():
     return message, all(torch.equal(g, grads) for g in everyone)
 
 
-def _sparse_gradients_are_refused():
-    """nn.Embedding(sparse=True) under every hook (torch's DDP and ours) and a sparse tensor at the front
-    door: a clear error naming the problem, not a failure deep inside an op."""
-    rank = dist.get_rank()
+def _hook_errors(states, make_model, x, errors) -> dict:
+    """{(hook name, wrapper): message} of the errors one forward + backward of ``make_model()`` on ``x``
+    raises under each hook of ``states`` ({name: (hook, make_state)}), with torch's DDP and with ours."""
     out = {}
-    states = dict(HOOKS, powersgd=(hooks.powersgd_hook, lambda: hooks.PowerSGDState(start_powerSGD_iter=0)))
     for name, (hook, make_state) in states.items():
         for wrapper in ("torch", "pyparallel"):
             torch.manual_seed(0)
-            model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+            model = make_model()
             if wrapper == "torch":
                 wrapped = nn.parallel.DistributedDataParallel(model)
                 wrapped.register_comm_hook(make_state(), hook)
             else:
                 wrapped = pyparallel.DataParallel(model, comm_hook=hook, hook_state=make_state())
             try:
-                wrapped(torch.tensor([rank, 3])).sum().backward()
-            except (RuntimeError, ValueError) as e:
+                wrapped(x).sum().backward()
+            except errors as e:
                 out[name, wrapper] = str(e)
+    return out
+
+
+def _sparse_gradients_are_refused():
+    """nn.Embedding(sparse=True) under every hook (torch's DDP and ours) and a sparse tensor at the front
+    door: a clear error naming the problem, not a failure deep inside an op."""
+    rank = dist.get_rank()
+    states = dict(HOOKS, powersgd=(hooks.powersgd_hook, lambda: hooks.PowerSGDState(start_powerSGD_iter=0)))
+    out = _hook_errors(states, lambda: nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2)),
+                       torch.tensor([rank, 3]), (RuntimeError, ValueError))
     sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.ones(2), (4,))
     for async_op in (False, True):
         try:
@@ -229,24 +237,11 @@ def _sparse_gradients_are_refused():
 def _float64_bucket_under_compressed_hooks():
     """A float64 bucket: allreduce_hook averages it with torch; a compressed hook refuses it, naming the hook
     and the dtype, when the hook is called (not from a callback, as an error about an internal op)."""
-    out = {}
     states = {"int8": (hooks.int8_hook, lambda: hooks.Int8State(transport="ring")),
               "topk": (hooks.topk_hook, lambda: hooks.TopkState(ratio=0.5, warmup_steps=1, transport="ring")),
               "powersgd": (hooks.powersgd_hook, lambda: hooks.PowerSGDState(start_powerSGD_iter=0, transport="ring"))}
-    for name, (hook, make_state) in states.items():
-        for wrapper in ("torch", "pyparallel"):
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(4, 8).double(), nn.Linear(8, 2).double())  # one bucket: float64
-            if wrapper == "torch":
-                wrapped = nn.parallel.DistributedDataParallel(model)
-                wrapped.register_comm_hook(make_state(), hook)
-            else:
-                wrapped = pyparallel.DataParallel(model, comm_hook=hook, hook_state=make_state())
-            try:
-                wrapped(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
-            except (RuntimeError, TypeError) as e:
-                out[name, wrapper] = str(e)
-    return out
+    one_float64_bucket = lambda: nn.Sequential(nn.Linear(4, 8).double(), nn.Linear(8, 2).double())  # noqa: E731
+    return _hook_errors(states, one_float64_bucket, torch.randn(3, 4, dtype=torch.float64), (RuntimeError, TypeError))
 
 
 def _unused_on_one_rank_only():

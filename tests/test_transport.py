@@ -198,32 +198,18 @@ def _late_rank_in_shared_memory():
     return msg, untouched
 
 
-def _first_call_with_another_transport():
-    """Rank 0 asks for the ring, the others for shared memory, on a group's first collective: each waits in
-    the transport's set-up for ranks that never come, and must say so (it said only "Wait timeout")."""
+def _another_transport_on_rank_0(set_up_first: bool):
+    """Rank 0 asks for the ring, the others for shared memory, on a group with a 2 s timeout; returns the
+    first line of the error (None if none). On the group's first collective (not set_up_first) each waits
+    in the transport's set-up for ranks that never come, and must say so (it said only "Wait timeout").
+    Once both transports are set up, rank 0's header check times out in Gloo, and must say that it was the
+    header check and what usually causes it (it gave Gloo's message alone)."""
     import datetime
 
     rank = dist.get_rank()
     g = dist.new_group(list(range(dist.get_world_size())), timeout=datetime.timedelta(seconds=2))
     try:
-        pyparallel.all_reduce(torch.ones(10), group=g, transport="ring" if rank == 0 else "shm")
-        return None
-    except RuntimeError as e:
-        return str(e).splitlines()[0]
-    finally:
-        pyparallel.release(g)
-        dist.destroy_process_group(g)
-
-
-def _later_call_with_another_transport():
-    """As above once both transports are set up: rank 0's header check times out in Gloo, and says that it
-    was the header check and what usually causes it (it gave Gloo's message alone)."""
-    import datetime
-
-    rank = dist.get_rank()
-    g = dist.new_group(list(range(dist.get_world_size())), timeout=datetime.timedelta(seconds=2))
-    try:
-        for transport in ("ring", "shm"):
+        for transport in ("ring", "shm") if set_up_first else ():
             pyparallel.all_reduce(torch.ones(10), group=g, transport=transport)
         pyparallel.all_reduce(torch.ones(10), group=g, transport="ring" if rank == 0 else "shm")
         return None
@@ -423,14 +409,14 @@ def test_late_rank_in_shared_memory_raises_instead_of_using_abandoned_data(dist_
 
 
 def test_transport_mismatch_at_set_up_names_the_ranks_and_the_cause(dist_pool):
-    ring, *shm = dist_pool(3).run(_first_call_with_another_transport, timeout=60)
+    ring, *shm = dist_pool(3).run(_another_transport_on_rank_0, False, timeout=60)
     assert ring is not None and "ranks [0, 1, 2]" in ring and "same transport" in ring, ring
     for msg in shm:
         assert msg is not None and "rank(s) [0]" in msg and "shared-memory segment" in msg, msg
 
 
 def test_transport_mismatch_after_set_up_says_it_was_the_header_check(dist_pool):
-    ring, *shm = dist_pool(3).run(_later_call_with_another_transport, timeout=60)
+    ring, *shm = dist_pool(3).run(_another_transport_on_rank_0, True, timeout=60)
     assert ring is not None and "header check" in ring and "same transport" in ring, ring
     for msg in shm:
         assert msg is not None and "timed out" in msg, msg
