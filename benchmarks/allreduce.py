@@ -5,6 +5,8 @@ Variants (``--transport`` and ``--compression`` choose among those that apply; `
     gloo                    torch.distributed.all_reduce on Gloo (the baseline)
     ring, ring-int8, ring-topk   pyparallel.all_reduce(transport="ring"), fp32 / int8 / top-k
     shm                     transport="shm": only when all ranks are on one host (exact, never compressed)
+    shm-reg                 the same on a tensor from pyparallel.shm_empty: peers read it in place, no
+                            staging (Note [Registered buffers], csrc/comm/shm.h)
     hier, hier-int8, hier-topk   transport="hierarchical": only with >= 2 hosts and > 1 rank per host
                             (compression only on the inter-host hop)
 
@@ -71,9 +73,10 @@ from launch import check_hosts, cpu_model, default_hosts, launch  # noqa: E402
 VARIANTS = {
     "gloo": (None, None),
     "ring": ("ring", None), "ring-int8": ("ring", "int8"), "ring-topk": ("ring", "topk"),
-    "shm": ("shm", None),
+    "shm": ("shm", None), "shm-reg": ("shm", None),
     "hier": ("hierarchical", None), "hier-int8": ("hierarchical", "int8"), "hier-topk": ("hierarchical", "topk"),
 }
+REGISTERED = {"shm-reg"}  # the tensor comes from pyparallel.shm_empty
 ALIASES = {"int8": "ring-int8", "topk": "ring-topk", "hierarchical": "hier"}  # older names
 TRANSPORTS = ("gloo", "ring", "shm", "hierarchical")
 COMPRESSIONS = ("none", "int8", "topk")
@@ -257,7 +260,7 @@ class Variant:
         name = self.name
         if name == "ring":
             return int((t != pref.dense_all_reduce(ref.xs)).sum())
-        if name in ("gloo", "shm", "hier"):
+        if name in ("gloo", "shm", "shm-reg", "hier"):
             return count_out_of(t, ref.exact, ref.fp32_bound())
         if name == "ring-int8":
             return count_out_of(t, ref.exact, pref.int8_ring_error_bound(ref.xs, INT8_BLOCK) + ref.fp32_bound())
@@ -279,7 +282,7 @@ def shm_bytes(size: int, local: int) -> float:
 
 
 def bound_kind(name: str, hosts: int, link_gbit: float | None) -> str:
-    if name == "shm":
+    if VARIANTS[name][0] == "shm":
         return "mem"
     if link_gbit is not None and hosts >= 2 and VARIANTS[name][1] is None:
         return "link"
@@ -308,15 +311,17 @@ def worker(args) -> int:
     skipped = []
     if not has_transport:  # an older pyparallel: only its ring exists
         skipped = [v for v in names if VARIANTS[v][0] not in (None, "ring")]
-        names = [v for v in names if v not in skipped]
-    measure_memcpy = "shm" in names
+    if not hasattr(pyparallel, "shm_empty"):  # an older pyparallel: no registered buffers
+        skipped += [v for v in names if v in REGISTERED and v not in skipped]
+    names = [v for v in names if v not in skipped]
+    measure_memcpy = any(VARIANTS[v][0] == "shm" for v in names)
     link = "loopback" if args.link_gbit is None else f"{args.link_gbit:g} Gbit/s per host (tbf, both ways)"
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     say(f"# {machine()}")
     say(f"# ranks {n} = {hosts} host(s) x {per_host}, link {link}, torch threads per rank {args.threads}, "
         f"median of {args.rounds} rounds x {args.iters} calls, first start to last end")
     if skipped:
-        say(f"# SKIPPED {', '.join(skipped)}: this pyparallel.all_reduce has no transport= argument")
+        say(f"# SKIPPED {', '.join(skipped)}: this pyparallel has no transport= argument or no shm_empty")
     if measure_memcpy:
         say(f"# %bound mem: memcpy time / time: each rank reads N and writes N at least, a memcpy of N "
             f"(all {per_host} ranks copying at once, measured below; GB/s count read+written bytes, 2N per copy)")
@@ -337,7 +342,11 @@ def worker(args) -> int:
         auto = resolve(xs[rank], None, "auto") if resolve is not None else None
         variants, wrongs, tensors = {}, {}, {}
         for name in names:
-            t = xs[rank].clone()
+            if name in REGISTERED:
+                t = pyparallel.shm_empty(count)  # collective: every rank, same order
+                t.copy_(xs[rank])
+            else:
+                t = xs[rank].clone()
             var = Variant(name, t, args.ratio, has_transport)
             var.run(t)
             wrong = var.wrong(t, ref, args.check_max)

@@ -15,9 +15,9 @@ except ImportError as exc:  # a missing or broken build must be loud, with the f
 
 from . import hooks, ops  # noqa: E402
 from . import pipeline  # noqa: E402
-from .comm import Int8, Topk, all_reduce, release, resolve_transport  # noqa: E402
+from .comm import Int8, Topk, all_reduce, release, resolve_transport, shm_empty  # noqa: E402
 from .local_sgd import DiLoCo, LocalSGD  # noqa: E402
 from .data_parallel import DataParallel  # noqa: E402
 
-__all__ = ["ops", "hooks", "all_reduce", "resolve_transport", "release", "Int8", "Topk", "DataParallel", "LocalSGD", "DiLoCo", "pipeline"]
+__all__ = ["ops", "hooks", "all_reduce", "resolve_transport", "shm_empty", "release", "Int8", "Topk", "DataParallel", "LocalSGD", "DiLoCo", "pipeline"]
 __version__ = "0.1.0"

@@ -364,6 +364,42 @@ def all_reduce(
     return None
 
 
+def shm_empty(*size, dtype: torch.dtype = torch.float32, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """An uninitialised CPU tensor in shared memory that the other ranks of this host read in place.
+
+    ``all_reduce`` on such tensors (transport "shm" or "auto", every rank of the group on one host) skips
+    the staging through the segment's slots: each rank reduces its region straight from the others'
+    tensors and copies the other regions from their owners, in 3 barriers whatever the size (Note
+    [Registered buffers], csrc/comm/shm.h), when every rank passes the tensor from the same place of the
+    same ``shm_empty`` buffer (a view at the same offset on every rank works too). Otherwise the result is
+    the same, by the staged path. Results are bitwise identical to the staged path's.
+
+    Collective, as torch's symmetric memory: every rank of ``group`` calls it with the same size and dtype,
+    in the same order; a rank that does not makes the others raise within the group's timeout. The memory
+    is reserved up front (a full /dev/shm raises here) and freed when the tensor and its views are gone;
+    nothing stays in /dev/shm once every rank has mapped it.
+
+    Example:
+        >>> grads = pyparallel.shm_empty(1 << 20)   # every rank
+        >>> grads.copy_(g); pyparallel.all_reduce(grads, op="avg")
+    """
+    if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+        size = tuple(size[0])
+    shape = torch.Size(size)
+    if _not_a_member(group):
+        raise ValueError(f"shm_empty: rank {dist.get_rank()} is not a member of the given group")
+    g = _group(group)
+    if g.size() == 1:
+        return torch.empty(shape, dtype=dtype)
+    res = _transport.resources(g)
+    if len(res.layout.hosts) != 1:
+        raise ValueError(f"shm_empty: the ranks of group '{g.group_name}' are on {len(res.layout.hosts)} hosts "
+                         f"(ranks by host: {res.layout.hosts}); shared-memory buffers need every rank on one host")
+    nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+    part = res.shared_buffer(nbytes)
+    return part[:nbytes].view(dtype).view(shape)
+
+
 def resolve_transport(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, transport: str = "auto") -> str:
     """The transport that ``all_reduce(tensor, group, transport=transport)`` uses: "ring", "shm",
     "hierarchical" or "ipc" (the same answer on every rank). For CUDA tensors this may set up CUDA IPC

@@ -141,6 +141,7 @@ class _GroupResources:
         self.layout = self._exchange_layout()
         self.piece_bytes = int(os.environ.get("PYPARALLEL_HIER_PIECE_BYTES", DEFAULT_PIECE_BYTES))
         self.shm_comm: str | None = None
+        self.buffers = 0  # shared_buffer calls so far (the same count on every local rank)
         self.cross_group: str | None = None
         self.twin: str | None = None
         # CUDA IPC, by this rank's device index: (communicator name, None) once set up, or (None, why not).
@@ -168,33 +169,60 @@ class _GroupResources:
             return self.shm_comm
 
     def _attach_segment(self) -> str:
-        layout, timeout_s = self.layout, self.timeout.total_seconds()
         comm = f"{self.prefix}/shm"
-        key = f"{self.prefix}/shm/{layout.host_index}"
+        local, timeout_s = self.layout.local_ranks, self.timeout.total_seconds()
+
+        def attach(segment: str, slot: str | None) -> str:
+            slot = slot or os.environ.get("PYPARALLEL_SHM_SLOT_BYTES", str(DEFAULT_SLOT_BYTES))
+            create = self.layout.local_rank == 0
+            _ops.shm_attach(comm, segment, self.layout.local_rank, len(local), local, int(slot), create, timeout_s)
+            return slot
+
+        self._share_segment(f"{self.prefix}/shm/{self.layout.host_index}", "segment", attach)
+        return comm
+
+    def shared_buffer(self, nbytes: int) -> torch.Tensor:
+        """This rank's part (a uint8 tensor of at least ``nbytes``) of a new buffer segment that every
+        local rank maps (Note [Registered buffers], csrc/comm/shm.h). Collective over the host's ranks."""
+        comm = self.shared_memory()
+        with self._lock:
+            serial, self.buffers = self.buffers, self.buffers + 1
+        stride = max(4096, -(-nbytes // 4096) * 4096)
+        part: list[torch.Tensor] = []
+
+        def attach(segment: str, _: str | None) -> str:
+            part.append(_ops.shm_map_buffer(comm, segment, stride, self.layout.local_rank == 0))
+            return str(stride)
+
+        self._share_segment(f"{self.prefix}/shm/{self.layout.host_index}/buffer/{serial}", "buffer", attach)
+        return part[0]
+
+    def _share_segment(self, key: str, what: str, attach) -> None:
+        """The host's first rank creates a segment under a fresh name with ``attach(name, None)``, which
+        returns a parameter for the others; they map it with ``attach(name, parameter)``; the creator
+        unlinks it once every local rank has mapped it: from then on nothing of ours is in /dev/shm,
+        whatever happens to the processes."""
+        layout, timeout_s = self.layout, self.timeout.total_seconds()
         local = layout.local_ranks
         if layout.local_rank == 0:
-            slot = int(os.environ.get("PYPARALLEL_SHM_SLOT_BYTES", DEFAULT_SLOT_BYTES))
             segment = f"/pyparallel-{os.getpid()}-{secrets.token_hex(8)}"  # unique per job and group
-            _ops.shm_attach(comm, segment, 0, len(local), local, slot, True, timeout_s)
+            param = attach(segment, None)
             try:
-                self.store.set(f"{key}/segment", f"{segment} {slot}")
-                # Unlink once every local rank has mapped it: from then on nothing of ours is in
-                # /dev/shm, whatever happens to the processes.
+                self.store.set(f"{key}/segment", f"{segment} {param}")
                 deadline = time.monotonic() + timeout_s
                 while self.store.add(f"{key}/mapped", 0) < len(local) - 1:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"shared memory: ranks {local[1:]} of this host did not map segment "
+                        raise RuntimeError(f"shared memory: ranks {local[1:]} of this host did not map {what} "
                                            f"{segment} within the group's timeout ({timeout_s:.0f} s)")
                     time.sleep(0.001)
             finally:
                 _ops.shm_unlink(segment)
         else:
-            self._wait([f"{key}/segment"], "(this host's first rank) did not create the shared-memory segment",
+            self._wait([f"{key}/segment"], f"(this host's first rank) did not create the shared-memory {what}",
                        ranks=[local[0]])
-            segment, slot = self.store.get(f"{key}/segment").decode().split()
-            _ops.shm_attach(comm, segment, layout.local_rank, len(local), local, int(slot), False, timeout_s)
+            segment, param = self.store.get(f"{key}/segment").decode().split()
+            attach(segment, param)
             self.store.add(f"{key}/mapped", 1)
-        return comm
 
     def _private_gloo_group(self, name: str, members: list[int]) -> dist.ProcessGroup:
         """A Gloo group of ours over ``members`` (ranks of this group), built from the group's store and

@@ -58,6 +58,7 @@ struct alignas(64) RankBlock {
   std::atomic<uint64_t> arrived;  // barriers this rank has reached
   std::atomic<int32_t> pid;
   int64_t header[2][CollectiveHeader::kFields];  // by collective parity
+  int64_t location[2][2];  // by collective parity: (buffer id, offset) of the tensor, or (-1, -1)
   // Set (once, for good) when this rank gave up on a collective part-way; `why` is written first
   // (Note [Published failures]).
   std::atomic<uint32_t> failed;
@@ -95,6 +96,15 @@ struct ShmSegment {
   }
   ~ShmSegment() {
     if (base != MAP_FAILED) munmap(base, bytes);
+  }
+};
+
+// A mapped buffer segment: local_size parts of `stride` bytes (Note [Registered buffers]).
+struct ShmBuffer {
+  char* base = nullptr;
+  int64_t bytes = 0, stride = 0, id = 0;
+  ~ShmBuffer() {
+    if (base != nullptr) munmap(base, bytes);
   }
 };
 
@@ -352,11 +362,24 @@ void ShmComm::all_reduce(at::Tensor& flat, bool average, const char* op) {
   }
 
   const int64_t P = piece_elems(esize);
-  for (int64_t c = 0, n = rounds(numel, P); c < n; ++c) {
-    const int64_t u = rounds_++;
-    stage_others(flat, u, c, P);  // A
+  const auto [buffer, offset] = locate(flat);  // Note [Registered buffers]
+  publish_location(buffer.get(), offset);
+  const int64_t first = rounds_++;
+  if (!buffer) stage_others(flat, first, 0, P);  // A of round 0, before the first barrier as always
+  arrive_and_wait(op);
+  const Placement where = placement(buffer.get(), offset);
+  check_header(op);
+  if (where == Placement::kRegistered) return reduce_registered(flat, *buffer, offset, divisor, op);
+  if (where == Placement::kMixed) {  // the registered ranks stage now; every rank waits for them
+    if (buffer) stage_others(flat, first, 0, P);
     arrive_and_wait(op);
-    if (c == 0) check_header(op);
+  }
+  for (int64_t c = 0, n = rounds(numel, P); c < n; ++c) {
+    const int64_t u = c == 0 ? first : rounds_++;
+    if (c > 0) {
+      stage_others(flat, u, c, P);  // A
+      arrive_and_wait(op);
+    }
     reduce_own(flat, u, c, P, divisor, /*publish=*/true);  // B
     arrive_and_wait(op);
     for (int q = 0; q < size_; ++q) {  // C
@@ -365,6 +388,99 @@ void ShmComm::all_reduce(at::Tensor& flat, bool average, const char* op) {
       std::memcpy(x + b * esize, slot(u, q) + q * P * esize, (e - b) * esize);
     }
   }
+}
+
+at::Tensor ShmComm::map_buffer(const std::string& name, int64_t stride, bool create) {
+  const char* op = "shm_empty";
+  TORCH_CHECK(stride > 0 && stride % 4096 == 0, op, ": stride must be a positive multiple of 4096, got ", stride);
+  TORCH_CHECK(!name.empty() && name[0] == '/' && name.find('/', 1) == std::string::npos, op,
+              ": segment name must look like '/name', got '", name, "'");
+  const int64_t bytes = stride * size_;
+  const int fd = create ? shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600) : shm_open(name.c_str(), O_RDWR, 0);
+  TORCH_CHECK(fd >= 0, op, ": cannot ", create ? "create" : "open", " shared-memory buffer ", name, ": ", errno_text());
+  if (create) {
+    // Reserve the pages now: on a full /dev/shm a sparse segment would map fine and then kill the first
+    // rank that touches a missing page with SIGBUS.
+    int err = ftruncate(fd, bytes) == 0 ? 0 : errno;
+    if (err == 0) err = posix_fallocate(fd, 0, bytes);
+    if (err != 0) {
+      close(fd);
+      shm_unlink(name.c_str());
+      TORCH_CHECK(false, op, ": cannot reserve ", bytes, " bytes of shared memory for ", name, ": ",
+                  std::strerror(err), " (is /dev/shm large enough? `df -h /dev/shm`)");
+    }
+  }
+  struct stat st {};
+  const bool sized = fstat(fd, &st) == 0 && st.st_size == bytes;
+  void* base = sized ? mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+  const std::string why = errno_text();
+  close(fd);
+  TORCH_CHECK(sized, op, ": buffer ", name, " has ", st.st_size, " bytes, this rank expected ", bytes,
+              " (did every rank of this host call shm_empty with the same size, in the same order?)");
+  TORCH_CHECK(base != MAP_FAILED, op, ": cannot map buffer ", name, ": ", why);
+  auto buffer = std::make_shared<ShmBuffer>();
+  buffer->base = static_cast<char*>(base);
+  buffer->bytes = bytes;
+  buffer->stride = stride;
+  {
+    std::lock_guard<std::mutex> lock(buffers_mutex_);
+    buffer->id = static_cast<int64_t>(buffers_.size());
+    buffers_.push_back(buffer);
+  }
+  // The tensor owns the mapping; the communicator only remembers it (weakly) to recognise its tensors.
+  return at::from_blob(buffer->base + rank_ * stride, {stride}, [buffer](void*) {}, at::TensorOptions().dtype(at::kByte));
+}
+
+std::pair<std::shared_ptr<ShmBuffer>, int64_t> ShmComm::locate(const at::Tensor& flat) {
+  const char* p = static_cast<const char*>(flat.const_data_ptr());
+  const int64_t nbytes = flat.numel() * flat.element_size();
+  std::lock_guard<std::mutex> lock(buffers_mutex_);
+  for (const auto& weak : buffers_) {
+    std::shared_ptr<ShmBuffer> b = weak.lock();
+    if (!b) continue;
+    const char* part = b->base + rank_ * b->stride;
+    if (p >= part && p + nbytes <= part + b->stride) return {b, p - part};
+  }
+  return {nullptr, -1};
+}
+
+void ShmComm::publish_location(const ShmBuffer* buffer, int64_t offset) {
+  int64_t* loc = seg_->block(rank_)->location[collectives_ % 2];
+  loc[0] = buffer ? buffer->id : -1;
+  loc[1] = buffer ? offset : -1;
+}
+
+ShmComm::Placement ShmComm::placement(const ShmBuffer* buffer, int64_t offset) const {
+  int registered = 0;
+  bool same = true;
+  for (int q = 0; q < size_; ++q) {
+    const int64_t* loc = seg_->block(q)->location[collectives_ % 2];
+    registered += loc[0] >= 0;
+    same = same && buffer != nullptr && loc[0] == buffer->id && loc[1] == offset;
+  }
+  if (registered == 0) return Placement::kStaged;
+  return same ? Placement::kRegistered : Placement::kMixed;
+}
+
+void ShmComm::reduce_registered(at::Tensor& flat, const ShmBuffer& buffer, int64_t offset, float divisor,
+                                const char* op) {
+  const int64_t numel = flat.numel(), esize = flat.element_size(), P = piece_elems(esize);
+  auto at = [&](int q, int64_t element) { return buffer.base + q * buffer.stride + offset + element * esize; };
+  std::vector<const void*> srcs(size_);
+  // In rounds of one piece per region, as the staged path: what an owner has just reduced is still in
+  // cache when the others copy it.
+  for (int64_t c = 0, n = rounds(numel, P); c < n; ++c) {
+    const auto [b, e] = piece(numel, rank_, c, P);
+    for (int q = 0; q < size_; ++q) srcs[q] = at(q, b);  // srcs[rank_] is flat itself: reduced in place
+    cpu::reduce_sources(flat.scalar_type(), srcs.data(), size_, at(rank_, b), nullptr, e - b, divisor);
+    arrive_and_wait(op);
+    for (int q = 0; q < size_; ++q) {
+      if (q == rank_) continue;
+      const auto [qb, qe] = piece(numel, q, c, P);
+      std::memcpy(at(rank_, qb), at(q, qb), (qe - qb) * esize);
+    }
+  }
+  arrive_and_wait(op);
 }
 
 void ShmComm::reduce_scatter(at::Tensor& flat, const CollectiveHeader& header, const char* op) {
@@ -422,6 +538,10 @@ void shm_unlink_segment(const std::string& segment) {
               errno_text());
 }
 
+at::Tensor shm_map_buffer(const std::string& comm, const std::string& segment, int64_t stride, bool create) {
+  return shm_comm(comm)->map_buffer(segment, stride, create);
+}
+
 void shm_detach(const std::string& comm) {
   std::lock_guard<std::mutex> lock(registry_mutex);
   registry().erase(comm);
@@ -457,4 +577,5 @@ TORCH_LIBRARY_IMPL(pyparallel, CatchAll, m) {
   m.impl("shm_attach", &pyparallel::shm_attach);
   m.impl("shm_unlink", &pyparallel::shm_unlink_segment);
   m.impl("shm_detach", &pyparallel::shm_detach);
+  m.impl("shm_map_buffer", &pyparallel::shm_map_buffer);
 }

@@ -32,12 +32,28 @@
 // this rank or passing a barrier with its stale arrival (Note [Published failures], shm.cpp). The
 // header (collective, dtype, numel, reduction) travels in the control blocks with the first barrier of
 // every collective and is checked there: no extra round trip.
+//
+// Note [Registered buffers]
+// Staging costs bytes: above, each rank moves N (5 - 2/L) bytes through memory where the all-reduce needs
+// only its N-byte read and N-byte write, and on a machine with fewer cores than ranks that (not the
+// barriers) is what the time goes to. A tensor allocated by pyparallel.shm_empty lives in a buffer segment
+// that every local rank has mapped (L parts of `stride` bytes, one per rank, allocated collectively in the
+// same order on every rank, as torch's symmetric memory): peers read it where it is. Each rank publishes
+// where its tensor lies (buffer id, offset in its part) with the header; when every rank's tensor is at the
+// same place of the same buffer, the all-reduce is: barrier; rank q reduces region q straight from every
+// rank's part into its own tensor (peers read region q of the others, which only its owner writes);
+// barrier; each rank copies the other regions from their owners' tensors; barrier (no rank returns, so
+// no caller changes its tensor, while a peer still reads it). 3 barriers for any size, N (2 - 1/L) bytes
+// read and N written per rank, no slot. Otherwise (some tensors elsewhere, or at other offsets) every
+// rank takes the staged path, the registered ranks staging one barrier later: the decision is taken by
+// every rank from the same published locations, so all take the same path.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -47,6 +63,7 @@
 namespace pyparallel {
 
 struct ShmSegment;  // the mapping (shm.cpp)
+struct ShmBuffer;   // a mapped buffer segment (Note [Registered buffers])
 
 class ShmComm {
  public:
@@ -73,6 +90,10 @@ class ShmComm {
   void all_gather(at::Tensor& flat, const CollectiveHeader& header, const char* op);
   // [begin, end) of region q for a tensor of numel elements.
   std::pair<int64_t, int64_t> region(int64_t numel, int q) const;
+  // Maps buffer segment `name` (size() parts of `stride` bytes; created exclusively and reserved when
+  // `create`) and returns this rank's part as a uint8 tensor, which keeps the mapping alive. Collective
+  // over the local ranks: every rank maps the same buffers in the same order (the ids agree).
+  at::Tensor map_buffer(const std::string& name, int64_t stride, bool create);
 
  private:
   char* slot(int64_t round, int q) const;
@@ -90,10 +111,18 @@ class ShmComm {
   std::pair<int64_t, int64_t> piece(int64_t numel, int q, int64_t c, int64_t P) const;
   int64_t rounds(int64_t numel, int64_t P) const;
   void stage_others(const at::Tensor& flat, int64_t u, int64_t c, int64_t P);  // phase A of round c
+  // The registered buffer holding all of flat in this rank's part (null if none) and flat's offset there.
+  std::pair<std::shared_ptr<ShmBuffer>, int64_t> locate(const at::Tensor& flat);
+  void publish_location(const ShmBuffer* buffer, int64_t offset);
+  enum class Placement { kStaged, kRegistered, kMixed };  // no rank / every rank / some ranks registered
+  Placement placement(const ShmBuffer* buffer, int64_t offset) const;  // after the first barrier
+  void reduce_registered(at::Tensor& flat, const ShmBuffer& buffer, int64_t offset, float divisor, const char* op);
   // Phase B: this rank's piece reduced in rank order into flat (and into its slot when publish).
   void reduce_own(at::Tensor& flat, int64_t u, int64_t c, int64_t P, float divisor, bool publish);
 
   std::unique_ptr<ShmSegment> seg_;
+  std::mutex buffers_mutex_;  // tensors of registered buffers may die on any thread
+  std::vector<std::weak_ptr<ShmBuffer>> buffers_;  // by id
   int rank_, size_;
   std::vector<int64_t> group_ranks_;
   int64_t slot_bytes_;
