@@ -55,6 +55,8 @@ TORCH_LIBRARY(pyparallel, m) {
   // Maps buffer segment `segment` (local_size parts of `stride` bytes; created when create=True) for
   // `comm` and returns this rank's part, a uint8 tensor (Note [Registered buffers], csrc/comm/shm.h).
   m.def("shm_map_buffer(str comm, str segment, int stride, bool create) -> Tensor");
+  // All-reduces through `comm` so far by path: [small, staged, registered, mixed] (tests, benchmarks).
+  m.def("shm_paths(str comm) -> int[]");
   m.def("shm_all_reduce_(Tensor(a!) tensor, str comm, bool average=False) -> int");
   // Reduce inside the host through `comm`, across hosts over the group `cross_group_name` with the given
   // compression (0 none, 1 int8 with param = block size, 2 top-k with param = k of the whole tensor and

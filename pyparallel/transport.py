@@ -201,28 +201,49 @@ class _GroupResources:
         """The host's first rank creates a segment under a fresh name with ``attach(name, None)``, which
         returns a parameter for the others; they map it with ``attach(name, parameter)``; the creator
         unlinks it once every local rank has mapped it: from then on nothing of ours is in /dev/shm,
-        whatever happens to the processes."""
+        whatever happens to the processes. A rank that cannot map it says why in the store, so that every
+        local rank raises (naming it) instead of the others going on with a segment it lacks."""
         layout, timeout_s = self.layout, self.timeout.total_seconds()
         local = layout.local_ranks
         if layout.local_rank == 0:
             segment = f"/pyparallel-{os.getpid()}-{secrets.token_hex(8)}"  # unique per job and group
-            param = attach(segment, None)
+            try:
+                param = attach(segment, None)
+            except RuntimeError as exc:
+                self.store.set(f"{key}/segment", f"! {_first_line(exc)}")  # the others raise too, now
+                raise
             try:
                 self.store.set(f"{key}/segment", f"{segment} {param}")
-                deadline = time.monotonic() + timeout_s
-                while self.store.add(f"{key}/mapped", 0) < len(local) - 1:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"shared memory: ranks {local[1:]} of this host did not map {what} "
-                                           f"{segment} within the group's timeout ({timeout_s:.0f} s)")
-                    time.sleep(0.001)
+                self._wait_mapped(key, what, segment)
             finally:
                 _ops.shm_unlink(segment)
         else:
             self._wait([f"{key}/segment"], f"(this host's first rank) did not create the shared-memory {what}",
                        ranks=[local[0]])
-            segment, param = self.store.get(f"{key}/segment").decode().split()
-            attach(segment, param)
-            self.store.add(f"{key}/mapped", 1)
+            segment, param = self.store.get(f"{key}/segment").decode().split(" ", 1)
+            if segment == "!":
+                raise RuntimeError(f"shared memory: rank {local[0]} (this host's first rank) could not create the "
+                                   f"{what}: {param}")
+            try:
+                attach(segment, param)
+            except RuntimeError as exc:
+                self.store.set(f"{key}/failed", f"rank {self.rank}: {_first_line(exc)}")
+                raise
+            finally:
+                self.store.add(f"{key}/mapped", 1)
+            self._wait_mapped(key, what, segment)
+
+    def _wait_mapped(self, key: str, what: str, segment: str) -> None:
+        local, timeout_s = self.layout.local_ranks, self.timeout.total_seconds()
+        deadline = time.monotonic() + timeout_s
+        while self.store.add(f"{key}/mapped", 0) < len(local) - 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"shared memory: ranks {local[1:]} of this host did not map {what} "
+                                   f"{segment} within the group's timeout ({timeout_s:.0f} s)")
+            time.sleep(0.001)
+        if self.store.check([f"{key}/failed"]):
+            raise RuntimeError(f"shared memory: a rank of this host could not map {what} {segment}: "
+                               f"{self.store.get(f'{key}/failed').decode()}")
 
     def _private_gloo_group(self, name: str, members: list[int]) -> dist.ProcessGroup:
         """A Gloo group of ours over ``members`` (ranks of this group), built from the group's store and

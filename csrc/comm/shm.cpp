@@ -358,6 +358,7 @@ void ShmComm::all_reduce(at::Tensor& flat, bool average, const char* op) {
     check_header(op);
     for (int q = 0; q < size_; ++q) srcs[q] = q == rank_ ? x : slot(u, q);
     cpu::reduce_sources(flat.scalar_type(), srcs.data(), size_, x, nullptr, numel, divisor);
+    ++paths_[0];
     return;
   }
 
@@ -369,6 +370,7 @@ void ShmComm::all_reduce(at::Tensor& flat, bool average, const char* op) {
   arrive_and_wait(op);
   const Placement where = placement(buffer.get(), offset);
   check_header(op);
+  ++paths_[1 + static_cast<int>(where)];
   if (where == Placement::kRegistered) return reduce_registered(flat, *buffer, offset, divisor, op);
   if (where == Placement::kMixed) {  // the registered ranks stage now; every rank waits for them
     if (buffer) stage_others(flat, first, 0, P);
@@ -542,6 +544,8 @@ at::Tensor shm_map_buffer(const std::string& comm, const std::string& segment, i
   return shm_comm(comm)->map_buffer(segment, stride, create);
 }
 
+std::vector<int64_t> shm_paths(const std::string& comm) { return shm_comm(comm)->paths(); }
+
 void shm_detach(const std::string& comm) {
   std::lock_guard<std::mutex> lock(registry_mutex);
   registry().erase(comm);
@@ -578,4 +582,5 @@ TORCH_LIBRARY_IMPL(pyparallel, CatchAll, m) {
   m.impl("shm_unlink", &pyparallel::shm_unlink_segment);
   m.impl("shm_detach", &pyparallel::shm_detach);
   m.impl("shm_map_buffer", &pyparallel::shm_map_buffer);
+  m.impl("shm_paths", &pyparallel::shm_paths);
 }

@@ -94,6 +94,8 @@ class ShmComm {
   // `create`) and returns this rank's part as a uint8 tensor, which keeps the mapping alive. Collective
   // over the local ranks: every rank maps the same buffers in the same order (the ids agree).
   at::Tensor map_buffer(const std::string& name, int64_t stride, bool create);
+  // All-reduces so far by path: small (one round), staged, registered, mixed (Note [Registered buffers]).
+  std::vector<int64_t> paths() const { return {paths_[0], paths_[1], paths_[2], paths_[3]}; }
 
  private:
   char* slot(int64_t round, int q) const;
@@ -132,6 +134,7 @@ class ShmComm {
   int64_t rounds_ = 0;        // rounds started: the parity picks the slot set
   int64_t collectives_ = 0;   // collectives started: the parity picks the header slot
   std::string failure_;
+  int64_t paths_[4] = {0, 0, 0, 0};
 };
 
 // The communicator attached under `name` (shm_attach); raises if there is none.

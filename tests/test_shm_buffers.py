@@ -1,0 +1,220 @@
+"""Registered shared-memory buffers (pyparallel.shm_empty, Note [Registered buffers] in csrc/comm/shm.h).
+
+Every all-reduce of a tensor from shm_empty must give the same bits as the staged path (the reference),
+on every rank, whichever path it takes; the path taken is read from the communicator's counters, so a
+registered tensor silently going through the slots fails here. Small slots (PYPARALLEL_SHM_SLOT_BYTES)
+make the larger tensors take many rounds.
+"""
+
+import gc
+import os
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import pyparallel
+from pyparallel import reference as ref
+from pyparallel import transport
+
+from test_transport import DTYPES, SIZES, _all_inputs, _digest, _Group, _held_by_this_process
+
+PATHS = ("small", "staged", "registered", "mixed")
+ONE_SHOT_ELEMS = 4096 // 4  # fp32 elements that fit the one-round path with 4 KiB slots
+
+
+def _paths(g) -> dict[str, int]:
+    comm = transport.resources(g).shm_comm
+    return dict(zip(PATHS, torch.ops.pyparallel.shm_paths(comm)))
+
+
+def _took(g, before: dict[str, int], path: str) -> bool:
+    after = _paths(g)
+    return after[path] == before[path] + 1 and sum(after.values()) == sum(before.values()) + 1
+
+
+def _registered_cases(seed):
+    """Every dtype, size (0, 1, odd, past the one-round path, many rounds) and reduction on shm_empty
+    tensors, bitwise equal to the staged reference; the registered path taken above one round."""
+    n, rank = dist.get_world_size(), dist.get_rank()
+    digests = []
+    with _Group(1) as g:
+        pyparallel.all_reduce(torch.ones(1), group=g)  # attach the communicator
+        for dtype in DTYPES:
+            for numel in SIZES:
+                for average in (False, True):
+                    xs = _all_inputs(seed + numel, (numel,), dtype, n)
+                    t = pyparallel.shm_empty(numel, dtype=dtype, group=g)
+                    assert t.shape == (numel,) and t.dtype == dtype
+                    t.copy_(xs[rank])
+                    before = _paths(g) if n > 1 else None
+                    pyparallel.all_reduce(t, group=g, op="avg" if average else "sum")
+                    assert torch.equal(t, ref.shm_all_reduce(xs, average)), (dtype, numel, average)
+                    if n > 1:
+                        big = numel * t.element_size() > 4096
+                        assert _took(g, before, "registered" if big else "small"), (numel, _paths(g))
+                    digests.append(_digest(t))
+        # n-D, the same buffer reused, a view at the same offset on every rank, and an async future
+        buf = pyparallel.shm_empty(40, 31, group=g)
+        assert buf.shape == (40, 31)
+        for step in range(3):
+            xs = _all_inputs(seed + step, (40, 31), torch.float32, n)
+            buf.copy_(xs[rank])
+            pyparallel.all_reduce(buf, group=g)
+            assert torch.equal(buf, ref.shm_all_reduce([x.view(-1) for x in xs]).view(40, 31))
+        view = buf.view(-1)[17:17 + 1100]
+        xs = _all_inputs(seed, (1100,), torch.float32, n)
+        view.copy_(xs[rank])
+        fut = pyparallel.all_reduce(view, group=g, op="avg", async_op=True)
+        assert fut.wait() is view
+        assert torch.equal(view, ref.shm_all_reduce(xs, True))
+        digests.append(_digest(view))
+        if n > 1:
+            assert _paths(g)["registered"] >= 4 + 2 * 3 * 3  # 3 sizes of 3 dtypes x 2 reductions, and these
+    return digests
+
+
+def _mixed_cases(seed):
+    """Tensors not at the same place on every rank (a plain tensor on one rank, views at different
+    offsets, a non-contiguous view): the mixed path, same bits as the reference."""
+    n, rank = dist.get_world_size(), dist.get_rank()
+    digests = []
+    with _Group(1) as g:
+        pyparallel.all_reduce(torch.ones(1), group=g)
+        buf = pyparallel.shm_empty(20_000, group=g)
+        for case in ("plain on rank 0", "plain on rank 1", "other offset on rank 0", "transposed"):
+            for numel in (ONE_SHOT_ELEMS + 1, 4099, 12_345):
+                xs = _all_inputs(seed + numel, (numel,), torch.float32, n)
+                if case == f"plain on rank {rank}":
+                    t = xs[rank].clone()
+                elif case == "transposed":
+                    t = buf[: numel - numel % 7].view(-1, 7).t()  # not contiguous: all-reduced through a copy
+                    xs = [x[: numel - numel % 7].view(-1, 7).t() for x in xs]
+                    t.copy_(xs[rank])
+                else:
+                    t = buf[16 if case == f"other offset on rank {rank}" else 0:][:numel]
+                    t.copy_(xs[rank])
+                before = _paths(g)
+                pyparallel.all_reduce(t, group=g)
+                expect = ref.shm_all_reduce([x.contiguous().view(-1) for x in xs]).view(xs[0].shape)
+                assert torch.equal(t, expect), (case, numel)
+                path = "mixed" if case != "transposed" else "staged" if t.numel() > ONE_SHOT_ELEMS else "small"
+                assert _took(g, before, path), (case, numel, _paths(g))
+                digests.append(_digest(t))
+        # registered, then plain, then registered again: each call decides anew
+        for plain in (False, True, False):
+            xs = _all_inputs(seed, (5000,), torch.bfloat16, n)
+            t = xs[rank].clone() if plain else pyparallel.shm_empty(5000, dtype=torch.bfloat16, group=g)
+            t.copy_(xs[rank])
+            before = _paths(g)
+            pyparallel.all_reduce(t, group=g, op="avg")
+            assert torch.equal(t, ref.shm_all_reduce(xs, True))
+            assert _took(g, before, "staged" if plain else "registered")
+    return digests
+
+
+def _size_mismatch():
+    """Rank 1 asks for another size: every rank raises, naming the problem, within the timeout."""
+    rank = dist.get_rank()
+    with _Group(1) as g:
+        pyparallel.all_reduce(torch.ones(1), group=g)
+        try:
+            pyparallel.shm_empty(1000 if rank != 1 else 5000, group=g)
+        except RuntimeError as e:
+            return str(e)
+    return None
+
+
+def _lifetime():
+    """A buffer's mapping lives exactly as long as its tensor (and views): it outlives the group, and is
+    gone once the last view is."""
+    n = dist.get_world_size()
+    _, _, maps0 = _held_by_this_process()
+    g = dist.new_group(list(range(n)))
+    t = pyparallel.shm_empty(100_000, group=g)
+    t.fill_(1.0)
+    pyparallel.all_reduce(t, group=g)
+    view = t[10:20]
+    del t
+    gc.collect()
+    dist.destroy_process_group(g)
+    del g
+    gc.collect()
+    _, _, maps = _held_by_this_process()
+    assert len(maps) == len(maps0) + 1, (maps0, maps)  # the buffer (the group's segment is gone)
+    assert float(view.sum()) == 10.0 * n
+    del view
+    gc.collect()
+    _, _, maps = _held_by_this_process()
+    assert maps == maps0, (maps0, maps)
+
+
+def _refusals():
+    """Across hosts, on a non-member, and with one rank: what shm_empty does instead."""
+    n, rank = dist.get_world_size(), dist.get_rank()
+    out = []
+    with _Group(2) as g:
+        try:
+            pyparallel.shm_empty(10, group=g)
+        except ValueError as e:
+            out.append(str(e))
+    sub = dist.new_group([0])
+    if rank == 0:
+        t = pyparallel.shm_empty(3, 2, dtype=torch.float16, group=sub)
+        assert t.shape == (3, 2) and t.dtype == torch.float16
+    else:
+        try:
+            pyparallel.shm_empty(3, group=sub)
+        except ValueError as e:
+            out.append(str(e))
+    dist.destroy_process_group(sub)
+    return out
+
+
+def _die_in_registered_all_reduce():
+    from dist_harness import kill_rank_one_during_all_reduces
+
+    g = dist.new_group(list(range(dist.get_world_size())))
+    t = pyparallel.shm_empty(16 << 20, group=g)
+    t.normal_()
+    return kill_rank_one_during_all_reduces(g, t, "shm")
+
+
+# ---- tests ----
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_registered_bitwise_vs_reference(dist_pool, world_size):
+    digests = dist_pool(world_size).run(_registered_cases, random.randrange(2**30), timeout=300)
+    assert all(d == digests[0] for d in digests), "ranks disagree"
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_mixed_placements_take_the_staged_path_and_agree(dist_pool, world_size):
+    digests = dist_pool(world_size).run(_mixed_cases, random.randrange(2**30), timeout=300)
+    assert all(d == digests[0] for d in digests), "ranks disagree"
+
+
+def test_size_mismatch_raises_on_every_rank(dist_pool):
+    messages = dist_pool(3).run(_size_mismatch, timeout=60)
+    for msg in messages:
+        assert msg is not None and "same size" in msg, messages
+
+
+def test_buffer_lives_as_long_as_its_tensor(dist_pool):
+    dist_pool(2).run(_lifetime, timeout=60)
+
+
+def test_refused_across_hosts_and_for_non_members(dist_pool):
+    rank0, rank1 = dist_pool(2).run(_refusals, timeout=60)
+    assert len(rank0) == 1 and "on 2 hosts" in rank0[0], rank0
+    assert len(rank1) == 2 and "on 2 hosts" in rank1[0] and "not a member" in rank1[1], rank1
+
+
+def test_sigkill_in_registered_all_reduce_raises_and_leaves_nothing():
+    from dist_harness import assert_rank_one_killed_is_named
+
+    before = {f for f in os.listdir("/dev/shm") if f.startswith("pyparallel-")}
+    assert_rank_one_killed_is_named(_die_in_registered_all_reduce, timeout=90)
+    after = {f for f in os.listdir("/dev/shm") if f.startswith("pyparallel-")}
+    assert after <= before, f"left in /dev/shm: {after - before}"
