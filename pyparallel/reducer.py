@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import inspect
 import typing
+import warnings
 from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from . import hooks, ops
+from . import comm, hooks, ops
 from .grad_bucket import Bucket
 from .transport import check as check_transport
 
@@ -107,12 +108,36 @@ class Reducer:
         self.buckets = ops.bucket_assignment(self.params, (int(first_bucket_mb * MB), int(bucket_cap_mb * MB)))
         self.bucket_of = [0] * len(self.params)
         self._buffers = []
+        self._shared = self._reduced_through_shared_memory()
         for b, members in enumerate(self.buckets):
             first = self.params[members[0]]
-            self._buffers.append(first.new_zeros(sum(self.params[i].numel() for i in members)))
+            self._buffers.append(self._new_buffer(first, sum(self.params[i].numel() for i in members)))
             for i in members:
                 self.bucket_of[i] = b
         self.start()
+
+    def _reduced_through_shared_memory(self) -> bool:
+        """Whether the hook's all-reduces go through the shared-memory transport (every rank on one host),
+        where buffers from :func:`pyparallel.shm_empty` are reduced in place, without staging."""
+        transport = getattr(self.hook_state, "transport", None)
+        group = getattr(self.hook_state, "process_group", self.process_group)
+        if transport not in ("auto", "shm") or not any(p.device.type == "cpu" for p in self.params):
+            return False
+        return comm.resolve_transport(torch.empty(1), group, transport) == "shm"
+
+    def _new_buffer(self, like: torch.Tensor, numel: int) -> torch.Tensor:
+        """A bucket's flat buffer; in shared memory when the shm transport reduces it (Note [Registered
+        buffers], csrc/comm/shm.h). Every rank builds the same buckets in the same order, as shm_empty
+        needs; if /dev/shm cannot hold them, every rank raises there, and all go on with plain buffers."""
+        if self._shared and like.device.type == "cpu" and like.dtype in comm.DTYPES:
+            group = getattr(self.hook_state, "process_group", self.process_group)
+            try:
+                return comm.shm_empty(numel, dtype=like.dtype, group=group).zero_()
+            except RuntimeError as exc:
+                warnings.warn(f"{self.name}: gradient buckets stay in private memory ({exc}); the shared-memory "
+                              "all-reduce stages them through its segment instead", stacklevel=3)
+                self._shared = False
+        return like.new_zeros(numel)
 
     @property
     def bucket_sizes(self) -> list[int]:
