@@ -40,13 +40,17 @@
 // that every local rank has mapped (L parts of `stride` bytes, one per rank, allocated collectively in the
 // same order on every rank, as torch's symmetric memory): peers read it where it is. Each rank publishes
 // where its tensor lies (buffer id, offset in its part) with the header; when every rank's tensor is at the
-// same place of the same buffer, the all-reduce is: barrier; rank q reduces region q straight from every
-// rank's part into its own tensor (peers read region q of the others, which only its owner writes);
-// barrier; each rank copies the other regions from their owners' tensors; barrier (no rank returns, so
-// no caller changes its tensor, while a peer still reads it). 3 barriers for any size, N (2 - 1/L) bytes
-// read and N written per rank, no slot. Otherwise (some tensors elsewhere, or at other offsets) every
-// rank takes the staged path, the registered ranks staging one barrier later: the decision is taken by
-// every rank from the same published locations, so all take the same path.
+// same place of the same buffer, the all-reduce runs in rounds of one piece per region, as the staged
+// path (so an owner's fresh result is still in cache when the others copy it): rank q reduces its piece
+// of region q straight from every rank's part into its own tensor (peers read region q of the others,
+// which only its owner writes), barrier; each rank copies the other regions' pieces from their owners'
+// tensors (nobody reads those pieces of its tensor again). A final barrier keeps every rank from
+// returning, and its caller from changing its tensor, while a peer still reads it. One barrier per round
+// instead of two, N (2 - 1/L) bytes read and N written per rank, no slot. Otherwise (some tensors
+// elsewhere, or at other offsets) every rank takes the staged path, the registered ranks staging one
+// barrier later: the decision is taken by every rank from the same published locations, so all take
+// the same path, and the bits are the staged path's either way (each region reduced by its owner, in
+// rank order).
 #pragma once
 
 #include <ATen/ATen.h>
