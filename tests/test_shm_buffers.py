@@ -201,6 +201,41 @@ def _data_parallel_buckets(seed):
         return [_digest(p.grad) for p in model.parameters()]
 
 
+def _no_room():
+    """A buffer larger than /dev/shm raises on every rank at once (reserved up front: no SIGBUS later);
+    DataParallel then keeps its buckets in private memory, warns, and reduces them through the slots."""
+    import warnings
+
+    n = dist.get_world_size()
+    out = []
+    with _Group(1, slot=None) as g:
+        fs = os.statvfs("/dev/shm")
+        try:
+            pyparallel.shm_empty(fs.f_blocks * fs.f_frsize // 4, group=g)  # n parts: more than the whole of it
+        except RuntimeError as e:
+            out.append(str(e))
+        real = pyparallel.comm.shm_empty
+
+        def full(*args, **kwargs):
+            real(fs.f_blocks * fs.f_frsize // 4, group=g)
+
+        pyparallel.comm.shm_empty = full
+        try:
+            model = torch.nn.Linear(200, 100)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                dp = pyparallel.DataParallel(model, process_group=g)
+        finally:
+            pyparallel.comm.shm_empty = real
+        out.append([str(w.message) for w in caught])
+        before = _paths(g)
+        dp(torch.ones(3, 200)).sum().backward()
+        assert _took(g, before, "staged"), _paths(g)
+        assert torch.equal(model.bias.grad, torch.full((100,), 3.0)), model.bias.grad  # same input everywhere
+        assert n > 1
+    return out
+
+
 def _die_in_registered_all_reduce():
     from dist_harness import kill_rank_one_during_all_reduces
 
@@ -244,6 +279,12 @@ def test_refused_across_hosts_and_for_non_members(dist_pool):
     rank0, rank1 = dist_pool(2).run(_refusals, timeout=60)
     assert len(rank0) == 1 and "on 2 hosts" in rank0[0], rank0
     assert len(rank1) == 2 and "on 2 hosts" in rank1[0] and "not a member" in rank1[1], rank1
+
+
+def test_no_room_in_dev_shm_raises_everywhere_and_data_parallel_falls_back(dist_pool):
+    for direct, warned in dist_pool(2).run(_no_room, timeout=60):
+        assert "cannot reserve" in direct and "/dev/shm" in direct, direct
+        assert len(warned) == 1 and "private memory" in warned[0] and "cannot reserve" in warned[0], warned
 
 
 def test_sigkill_in_registered_all_reduce_raises_and_leaves_nothing():
