@@ -426,8 +426,8 @@ at::Tensor ShmComm::map_buffer(const std::string& name, int64_t stride, bool cre
   buffer->stride = stride;
   {
     std::lock_guard<std::mutex> lock(buffers_mutex_);
-    buffer->id = static_cast<int64_t>(buffers_.size());
-    buffers_.push_back(buffer);
+    buffer->id = buffers_mapped_++;
+    buffers_[buffer->id] = buffer;
   }
   // The tensor owns the mapping; the communicator only remembers it (weakly) to recognise its tensors.
   return at::from_blob(buffer->base + rank_ * stride, {stride}, [buffer](void*) {}, at::TensorOptions().dtype(at::kByte));
@@ -437,11 +437,15 @@ std::pair<std::shared_ptr<ShmBuffer>, int64_t> ShmComm::locate(const at::Tensor&
   const char* p = static_cast<const char*>(flat.const_data_ptr());
   const int64_t nbytes = flat.numel() * flat.element_size();
   std::lock_guard<std::mutex> lock(buffers_mutex_);
-  for (const auto& weak : buffers_) {
-    std::shared_ptr<ShmBuffer> b = weak.lock();
-    if (!b) continue;
+  for (auto it = buffers_.begin(); it != buffers_.end();) {
+    std::shared_ptr<ShmBuffer> b = it->second.lock();
+    if (!b) {  // its tensor is gone
+      it = buffers_.erase(it);
+      continue;
+    }
     const char* part = b->base + rank_ * b->stride;
     if (p >= part && p + nbytes <= part + b->stride) return {b, p - part};
+    ++it;
   }
   return {nullptr, -1};
 }

@@ -59,6 +59,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -128,7 +129,8 @@ class ShmComm {
 
   std::unique_ptr<ShmSegment> seg_;
   std::mutex buffers_mutex_;  // tensors of registered buffers may die on any thread
-  std::vector<std::weak_ptr<ShmBuffer>> buffers_;  // by id
+  std::unordered_map<int64_t, std::weak_ptr<ShmBuffer>> buffers_;  // by id; dead ones pruned by locate
+  int64_t buffers_mapped_ = 0;  // the next buffer's id
   int rank_, size_;
   std::vector<int64_t> group_ranks_;
   int64_t slot_bytes_;
