@@ -240,7 +240,7 @@ def _die_in_registered_all_reduce():
     from dist_harness import kill_rank_one_during_all_reduces
 
     g = dist.new_group(list(range(dist.get_world_size())))
-    t = pyparallel.shm_empty(16 << 20, group=g)
+    t = pyparallel.shm_empty(2 << 20, group=g)  # 8 MiB per rank: fits a small /dev/shm (Docker: 64 MiB)
     t.normal_()
     return kill_rank_one_during_all_reduces(g, t, "shm")
 
