@@ -20,8 +20,34 @@ inline float widen(T v) { return static_cast<float>(v); }
 
 // Block by block: acc = src0; acc += src1; ... ; then one rounding per element. The inner loops have
 // no dependence across i, so they vectorize; the order over sources is the same for every element.
+// 2-4 sources (the usual local ranks): one pass that reads every source at once, so the hardware
+// prefetchers follow all the streams together; the block loop below reads one source's 4 KiB at a time,
+// a page each, and restarts every prefetch stream at each page. Same additions in the same order.
+template <class T, int kSources>
+PYPARALLEL_VECTORIZE void reduce_fused(const T* const* srcs, T* dst, T* dst2, int64_t n, float divisor) {
+  const T* s0 = srcs[0];
+  const T* s1 = srcs[1];
+  const T* s2 = kSources > 2 ? srcs[2] : nullptr;
+  const T* s3 = kSources > 3 ? srcs[3] : nullptr;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min(kBlock, n - b);
+    T* d = dst + b;
+    for (int64_t i = b; i < b + m; ++i) {
+      float acc = widen(s0[i]) + widen(s1[i]);
+      if constexpr (kSources > 2) acc += widen(s2[i]);
+      if constexpr (kSources > 3) acc += widen(s3[i]);
+      if (divisor != 1.0f) acc = acc / divisor;
+      d[i - b] = static_cast<T>(acc);
+    }
+    if (dst2 != nullptr) std::memcpy(dst2 + b, d, m * sizeof(T));
+  }
+}
+
 template <class T>
 PYPARALLEL_VECTORIZE void reduce_typed(const T* const* srcs, int nsrc, T* dst, T* dst2, int64_t n, float divisor) {
+  if (nsrc == 2) return reduce_fused<T, 2>(srcs, dst, dst2, n, divisor);
+  if (nsrc == 3) return reduce_fused<T, 3>(srcs, dst, dst2, n, divisor);
+  if (nsrc == 4) return reduce_fused<T, 4>(srcs, dst, dst2, n, divisor);
   float acc[kBlock];
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t m = std::min(kBlock, n - b);
