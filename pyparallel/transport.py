@@ -210,6 +210,8 @@ class _GroupResources:
             try:
                 param = attach(segment, None)
             except RuntimeError as exc:
+                # attach may have created (and reserved) the segment before failing, e.g. to map it
+                _ops.shm_unlink(segment)
                 self.store.set(f"{key}/segment", f"! {_first_line(exc)}")  # the others raise too, now
                 raise
             try:

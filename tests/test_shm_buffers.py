@@ -236,6 +236,32 @@ def _no_room():
     return out
 
 
+def _creator_cannot_map():
+    """The host's first rank creates and reserves a buffer but cannot map it (here: its address space is
+    limited): every rank raises, and the reserved segment is not left behind in /dev/shm."""
+    import resource
+
+    rank = dist.get_rank()
+    mine = f"pyparallel-{os.getpid()}-"  # the creator names its segments after its pid
+    with _Group(1) as g:
+        pyparallel.all_reduce(torch.ones(1), group=g)  # the group's own segment, before the limit
+        limits = resource.getrlimit(resource.RLIMIT_AS)
+        if rank == 0:
+            with open("/proc/self/status") as f:
+                vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+            resource.setrlimit(resource.RLIMIT_AS, (vm + (32 << 20), limits[1]))
+        try:
+            pyparallel.shm_empty(64 << 20 >> 2, group=g)  # 64 MiB parts: reserved, then too large to map
+        except RuntimeError as e:
+            message = str(e)
+        else:
+            message = None
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, limits)
+        left = [f for f in os.listdir("/dev/shm") if f.startswith(mine)]
+    return message, left
+
+
 def _die_in_registered_all_reduce():
     from dist_harness import kill_rank_one_during_all_reduces
 
@@ -285,6 +311,13 @@ def test_no_room_in_dev_shm_raises_everywhere_and_data_parallel_falls_back(dist_
     for direct, warned in dist_pool(2).run(_no_room, timeout=60):
         assert "cannot reserve" in direct and "/dev/shm" in direct, direct
         assert len(warned) == 1 and "private memory" in warned[0] and "cannot reserve" in warned[0], warned
+
+
+def test_creator_that_cannot_map_leaves_nothing_in_dev_shm(dist_pool):
+    (msg0, left0), (msg1, left1) = dist_pool(2).run(_creator_cannot_map, timeout=60)
+    assert msg0 is not None and "cannot map buffer" in msg0, msg0
+    assert msg1 is not None and "could not create the buffer" in msg1, msg1
+    assert left0 == [] and left1 == [], (left0, left1)
 
 
 def test_sigkill_in_registered_all_reduce_raises_and_leaves_nothing():
