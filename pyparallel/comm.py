@@ -385,7 +385,10 @@ def shm_empty(*size, dtype: torch.dtype = torch.float32, group: dist.ProcessGrou
     """
     if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
         size = tuple(size[0])
-    shape = torch.Size(size)
+    # torch.empty's checks and errors (a negative size, a bad dtype), on every rank before the handshake:
+    # the byte count below would otherwise turn -1 into a whole page of elements.
+    like = torch.empty(size, dtype=dtype, device="meta")
+    shape = like.shape
     if _not_a_member(group):
         raise ValueError(f"shm_empty: rank {dist.get_rank()} is not a member of the given group")
     g = _group(group)
@@ -395,7 +398,7 @@ def shm_empty(*size, dtype: torch.dtype = torch.float32, group: dist.ProcessGrou
     if len(res.layout.hosts) != 1:
         raise ValueError(f"shm_empty: the ranks of group '{g.group_name}' are on {len(res.layout.hosts)} hosts "
                          f"(ranks by host: {res.layout.hosts}); shared-memory buffers need every rank on one host")
-    nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+    nbytes = like.numel() * like.element_size()
     part = res.shared_buffer(nbytes)
     return part[:nbytes].view(dtype).view(shape)
 

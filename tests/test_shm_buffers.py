@@ -169,6 +169,14 @@ def _refusals():
         except ValueError as e:
             out.append(str(e))
     dist.destroy_process_group(sub)
+    with _Group(1) as g:  # a negative size, as torch.empty: raised, not a tensor of the wrong shape
+        for size in ((-1,), (3, -4)):
+            try:
+                t = pyparallel.shm_empty(*size, group=g)
+            except RuntimeError as e:
+                out.append(str(e))
+            else:
+                out.append(f"shm_empty{size} returned shape {tuple(t.shape)}")
     return out
 
 
@@ -303,8 +311,10 @@ def test_buffer_lives_as_long_as_its_tensor(dist_pool):
 
 def test_refused_across_hosts_and_for_non_members(dist_pool):
     rank0, rank1 = dist_pool(2).run(_refusals, timeout=60)
-    assert len(rank0) == 1 and "on 2 hosts" in rank0[0], rank0
-    assert len(rank1) == 2 and "on 2 hosts" in rank1[0] and "not a member" in rank1[1], rank1
+    assert len(rank0) == 3 and "on 2 hosts" in rank0[0], rank0
+    assert len(rank1) == 4 and "on 2 hosts" in rank1[0] and "not a member" in rank1[1], rank1
+    for negative in rank0[1:] + rank1[2:]:
+        assert "negative dimension" in negative, (rank0, rank1)
 
 
 def test_no_room_in_dev_shm_raises_everywhere_and_data_parallel_falls_back(dist_pool):
