@@ -53,8 +53,9 @@ TORCH_LIBRARY(pyparallel, m) {
   m.def("shm_unlink(str segment) -> ()");
   m.def("shm_detach(str comm) -> ()");
   // Maps buffer segment `segment` (local_size parts of `stride` bytes; created when create=True) for
-  // `comm` and returns this rank's part, a uint8 tensor (Note [Registered buffers], csrc/comm/shm.h).
-  m.def("shm_map_buffer(str comm, str segment, int stride, bool create) -> Tensor");
+  // `comm` under `id` (the same on every local rank for this segment) and returns this rank's part, a
+  // uint8 tensor (Note [Registered buffers], csrc/comm/shm.h).
+  m.def("shm_map_buffer(str comm, str segment, int stride, bool create, int id) -> Tensor");
   // All-reduces through `comm` so far by path: [small, staged, registered, mixed] (tests, benchmarks).
   m.def("shm_paths(str comm) -> int[]");
   m.def("shm_all_reduce_(Tensor(a!) tensor, str comm, bool average=False) -> int");

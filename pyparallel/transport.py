@@ -141,7 +141,9 @@ class _GroupResources:
         self.layout = self._exchange_layout()
         self.piece_bytes = int(os.environ.get("PYPARALLEL_HIER_PIECE_BYTES", DEFAULT_PIECE_BYTES))
         self.shm_comm: str | None = None
-        self.buffers = 0  # shared_buffer calls so far (the same count on every local rank)
+        # shared_buffer calls so far: the same count on every local rank, also after a call that failed on
+        # some ranks only, so it names each buffer alike everywhere (its id in the published locations)
+        self.buffers = 0
         self.cross_group: str | None = None
         self.twin: str | None = None
         # CUDA IPC, by this rank's device index: (communicator name, None) once set up, or (None, why not).
@@ -191,7 +193,7 @@ class _GroupResources:
         part: list[torch.Tensor] = []
 
         def attach(segment: str, _: str | None) -> str:
-            part.append(_ops.shm_map_buffer(comm, segment, stride, self.layout.local_rank == 0))
+            part.append(_ops.shm_map_buffer(comm, segment, stride, self.layout.local_rank == 0, serial))
             return str(stride)
 
         self._share_segment(f"{self.prefix}/shm/{self.layout.host_index}/buffer/{serial}", "buffer", attach)

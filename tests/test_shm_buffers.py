@@ -114,16 +114,28 @@ def _mixed_cases(seed):
     return digests
 
 
-def _size_mismatch():
-    """Rank 1 asks for another size: every rank raises, naming the problem, within the timeout."""
-    rank = dist.get_rank()
+def _size_mismatch(seed):
+    """Rank 1 asks for another size: every rank raises, naming the problem, within the timeout. The group
+    goes on: later buffers are still recognised as the same buffer on every rank (registered path), and
+    different buffers as different ones, although rank 1 mapped one buffer fewer than the others."""
+    n, rank = dist.get_world_size(), dist.get_rank()
+    message = None
     with _Group(1) as g:
         pyparallel.all_reduce(torch.ones(1), group=g)
         try:
             pyparallel.shm_empty(1000 if rank != 1 else 5000, group=g)
         except RuntimeError as e:
-            return str(e)
-    return None
+            message = str(e)
+        a, b = pyparallel.shm_empty(5000, group=g), pyparallel.shm_empty(5000, group=g)
+        for case in ("b on rank 1", "a everywhere"):
+            xs = _all_inputs(seed, (5000,), torch.float32, n)
+            t = b if case == "b on rank 1" and rank == 1 else a
+            t.copy_(xs[rank])
+            before = _paths(g)
+            pyparallel.all_reduce(t, group=g)
+            assert torch.equal(t, ref.shm_all_reduce(xs)), case
+            assert _took(g, before, "registered" if case == "a everywhere" else "mixed"), (case, _paths(g))
+    return message
 
 
 def _lifetime():
@@ -300,7 +312,7 @@ def test_mixed_placements_take_the_staged_path_and_agree(dist_pool, world_size):
 
 
 def test_size_mismatch_raises_on_every_rank(dist_pool):
-    messages = dist_pool(3).run(_size_mismatch, timeout=60)
+    messages = dist_pool(3).run(_size_mismatch, random.randrange(2**30), timeout=60)
     for msg in messages:
         assert msg is not None and "same size" in msg, messages
 

@@ -392,9 +392,15 @@ void ShmComm::all_reduce(at::Tensor& flat, bool average, const char* op) {
   }
 }
 
-at::Tensor ShmComm::map_buffer(const std::string& name, int64_t stride, bool create) {
+at::Tensor ShmComm::map_buffer(const std::string& name, int64_t stride, bool create, int64_t id) {
   const char* op = "shm_empty";
   TORCH_CHECK(stride > 0 && stride % 4096 == 0, op, ": stride must be a positive multiple of 4096, got ", stride);
+  TORCH_CHECK(id >= 0, op, ": buffer id must be non-negative, got ", id);
+  {
+    std::lock_guard<std::mutex> lock(buffers_mutex_);
+    auto it = buffers_.find(id);
+    TORCH_CHECK(it == buffers_.end() || it->second.expired(), op, ": buffer id ", id, " is already mapped");
+  }
   TORCH_CHECK(!name.empty() && name[0] == '/' && name.find('/', 1) == std::string::npos, op,
               ": segment name must look like '/name', got '", name, "'");
   const int64_t bytes = stride * size_;
@@ -424,10 +430,10 @@ at::Tensor ShmComm::map_buffer(const std::string& name, int64_t stride, bool cre
   buffer->base = static_cast<char*>(base);
   buffer->bytes = bytes;
   buffer->stride = stride;
+  buffer->id = id;
   {
     std::lock_guard<std::mutex> lock(buffers_mutex_);
-    buffer->id = buffers_mapped_++;
-    buffers_[buffer->id] = buffer;
+    buffers_[id] = buffer;
   }
   // The tensor owns the mapping; the communicator only remembers it (weakly) to recognise its tensors.
   return at::from_blob(buffer->base + rank_ * stride, {stride}, [buffer](void*) {}, at::TensorOptions().dtype(at::kByte));
@@ -544,8 +550,9 @@ void shm_unlink_segment(const std::string& segment) {
               errno_text());
 }
 
-at::Tensor shm_map_buffer(const std::string& comm, const std::string& segment, int64_t stride, bool create) {
-  return shm_comm(comm)->map_buffer(segment, stride, create);
+at::Tensor shm_map_buffer(const std::string& comm, const std::string& segment, int64_t stride, bool create,
+                          int64_t id) {
+  return shm_comm(comm)->map_buffer(segment, stride, create, id);
 }
 
 std::vector<int64_t> shm_paths(const std::string& comm) { return shm_comm(comm)->paths(); }

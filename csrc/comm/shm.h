@@ -35,22 +35,23 @@
 //
 // Note [Registered buffers]
 // Staging costs bytes: above, each rank moves N (5 - 2/L) bytes through memory where the all-reduce needs
-// only its N-byte read and N-byte write, and on a machine with fewer cores than ranks that (not the
-// barriers) is what the time goes to. A tensor allocated by pyparallel.shm_empty lives in a buffer segment
-// that every local rank has mapped (L parts of `stride` bytes, one per rank, allocated collectively in the
-// same order on every rank, as torch's symmetric memory): peers read it where it is. Each rank publishes
-// where its tensor lies (buffer id, offset in its part) with the header; when every rank's tensor is at the
-// same place of the same buffer, the all-reduce runs in rounds of one piece per region, as the staged
-// path (so an owner's fresh result is still in cache when the others copy it): rank q reduces its piece
-// of region q straight from every rank's part into its own tensor (peers read region q of the others,
+// only its N-byte read and N-byte write, and on a machine with fewer cores than ranks that (not the barriers)
+// is what the time goes to. A tensor allocated by pyparallel.shm_empty lives in a buffer segment that every
+// local rank has mapped (L parts of `stride` bytes, one per rank, allocated collectively in the same order on
+// every rank, as torch's symmetric memory): peers read it where it is. Each rank publishes where its tensor
+// lies (buffer id, offset in its part) with the header; the id is the buffer's number among the group's
+// shm_empty calls, which every rank counts alike even when a call failed on some ranks only (a count of the
+// buffers mapped here would then differ, and two different buffers could pass for one); when every rank's
+// tensor is at the same place of the same buffer, the all-reduce runs in rounds of one piece per region, as
+// the staged path (so an owner's fresh result is still in cache when the others copy it): rank q reduces its
+// piece of region q straight from every rank's part into its own tensor (peers read region q of the others,
 // which only its owner writes), barrier; each rank copies the other regions' pieces from their owners'
-// tensors (nobody reads those pieces of its tensor again). A final barrier keeps every rank from
-// returning, and its caller from changing its tensor, while a peer still reads it. One barrier per round
-// instead of two, N (2 - 1/L) bytes read and N written per rank, no slot. Otherwise (some tensors
-// elsewhere, or at other offsets) every rank takes the staged path, the registered ranks staging one
-// barrier later: the decision is taken by every rank from the same published locations, so all take
-// the same path, and the bits are the staged path's either way (each region reduced by its owner, in
-// rank order).
+// tensors (nobody reads those pieces of its tensor again). A final barrier keeps every rank from returning,
+// and its caller from changing its tensor, while a peer still reads it. One barrier per round instead of two,
+// N (2 - 1/L) bytes read and N written per rank, no slot. Otherwise (some tensors elsewhere, or at other
+// offsets) every rank takes the staged path, the registered ranks staging one barrier later: the decision is
+// taken by every rank from the same published locations, so all take the same path, and the bits are the
+// staged path's either way (each region reduced by its owner, in rank order).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -96,9 +97,12 @@ class ShmComm {
   // [begin, end) of region q for a tensor of numel elements.
   std::pair<int64_t, int64_t> region(int64_t numel, int q) const;
   // Maps buffer segment `name` (size() parts of `stride` bytes; created exclusively and reserved when
-  // `create`) and returns this rank's part as a uint8 tensor, which keeps the mapping alive. Collective
-  // over the local ranks: every rank maps the same buffers in the same order (the ids agree).
-  at::Tensor map_buffer(const std::string& name, int64_t stride, bool create);
+  // `create`) under `id` and returns this rank's part as a uint8 tensor, which keeps the mapping alive.
+  // Collective over the local ranks. `id` names the segment in the published locations, so every rank
+  // must give the same id for the same segment and different ids for different ones: the caller's count
+  // of buffers (pyparallel/transport.py), not the buffers mapped here, which differ once a rank failed
+  // to map one that the others mapped.
+  at::Tensor map_buffer(const std::string& name, int64_t stride, bool create, int64_t id);
   // All-reduces so far by path: small (one round), staged, registered, mixed (Note [Registered buffers]).
   std::vector<int64_t> paths() const { return {paths_[0], paths_[1], paths_[2], paths_[3]}; }
 
@@ -130,7 +134,6 @@ class ShmComm {
   std::unique_ptr<ShmSegment> seg_;
   std::mutex buffers_mutex_;  // tensors of registered buffers may die on any thread
   std::unordered_map<int64_t, std::weak_ptr<ShmBuffer>> buffers_;  // by id; dead ones pruned by locate
-  int64_t buffers_mapped_ = 0;  // the next buffer's id
   int rank_, size_;
   std::vector<int64_t> group_ranks_;
   int64_t slot_bytes_;
