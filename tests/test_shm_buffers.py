@@ -282,6 +282,25 @@ def _creator_cannot_map():
     return message, left
 
 
+def _shared_mappings() -> dict[str, str]:
+    """This process's mappings of our segments: address range -> name."""
+    with open("/proc/self/maps") as f:
+        return {line.split()[0]: line.split(None, 5)[-1].strip() for line in f if "/pyparallel-" in line}
+
+
+def _segment_reserved():
+    """The group's own segment has every page allocated from the start (as shm_empty buffers): a sparse
+    one gets its pages when a collective first touches them, which kills the rank with SIGBUS once
+    /dev/shm has filled up in between (e.g. with gradient buckets from shm_empty)."""
+    with _Group(1) as g:
+        before = _shared_mappings()
+        pyparallel.all_reduce(torch.ones(1), group=g)  # attaches; touches a few of the segment's pages
+        new = [r for r in _shared_mappings() if r not in before]
+        assert len(new) == 1, (before, _shared_mappings())
+        st = os.stat(f"/proc/self/map_files/{new[0]}")  # the (unlinked) segment itself
+        return st.st_size, st.st_blocks * 512
+
+
 def _die_in_registered_all_reduce():
     from dist_harness import kill_rank_one_during_all_reduces
 
@@ -340,6 +359,11 @@ def test_creator_that_cannot_map_leaves_nothing_in_dev_shm(dist_pool):
     assert msg0 is not None and "cannot map buffer" in msg0, msg0
     assert msg1 is not None and "could not create the buffer" in msg1, msg1
     assert left0 == [] and left1 == [], (left0, left1)
+
+
+def test_group_segment_is_reserved_up_front(dist_pool):
+    for size, allocated in dist_pool(2).run(_segment_reserved, timeout=60):
+        assert allocated >= size, f"segment of {size} bytes has only {allocated} allocated"
 
 
 def test_sigkill_in_registered_all_reduce_raises_and_leaves_nothing():

@@ -131,11 +131,17 @@ ShmComm::ShmComm(const std::string& name, int local_rank, int local_size, std::v
   const int fd = create ? shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600) : shm_open(name.c_str(), O_RDWR, 0);
   TORCH_CHECK(fd >= 0, op, ": cannot ", create ? "create" : "open", " shared-memory segment ", name, ": ",
               errno_text(), create ? "" : " (is every rank of this host really on one machine?)");
-  if (create && ftruncate(fd, bytes) != 0) {
-    const std::string why = errno_text();
-    close(fd);
-    shm_unlink(name.c_str());
-    TORCH_CHECK(false, op, ": cannot size segment ", name, " to ", bytes, " bytes: ", why);
+  if (create) {
+    // Reserve the pages now, as map_buffer does: a sparse segment maps fine, and the first collective that
+    // touches a missing page once /dev/shm has filled up (shm_empty buffers, other processes) dies of SIGBUS.
+    int err = ftruncate(fd, bytes) == 0 ? 0 : errno;
+    if (err == 0) err = posix_fallocate(fd, 0, bytes);
+    if (err != 0) {
+      close(fd);
+      shm_unlink(name.c_str());
+      TORCH_CHECK(false, op, ": cannot reserve ", bytes, " bytes of shared memory for segment ", name, ": ",
+                  std::strerror(err), " (is /dev/shm large enough? `df -h /dev/shm`)");
+    }
   }
   struct stat st {};
   const bool sized = fstat(fd, &st) == 0 && st.st_size == bytes;

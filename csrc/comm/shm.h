@@ -2,11 +2,12 @@
 //
 // Note [Shared-memory collectives]
 // One segment per (process group, host), created exclusively under a job-unique name by the host's
-// first rank, opened by the others, and unlinked by the creator as soon as every local rank has mapped
-// it (pyparallel/transport.py runs that handshake through the group's store), so nothing is left in
-// /dev/shm even if a rank is killed later. The segment has a fixed size: a control block per local rank
-// and two sets of L slots of slot_bytes (L = local ranks); tensors of any size stream through it in
-// rounds, and consecutive rounds alternate between the two sets.
+// first rank with every page reserved (a sparse one would die of SIGBUS on a page first touched once
+// /dev/shm has filled up, e.g. with shm_empty buffers), opened by the others, and unlinked by the creator
+// as soon as every local rank has mapped it (pyparallel/transport.py runs that handshake through the
+// group's store), so nothing is left in /dev/shm even if a rank is killed later. The segment has a fixed
+// size: a control block per local rank and two sets of L slots of slot_bytes (L = local ranks); tensors of
+// any size stream through it in rounds, and consecutive rounds alternate between the two sets.
 //
 // A tensor of numel elements is cut into L regions (region q: [q R, (q + 1) R), R = ceil(numel / L)
 // rounded up to 16 elements); local rank q owns region q. A round moves one piece of P elements of
