@@ -364,7 +364,8 @@ def all_reduce(
     return None
 
 
-def shm_empty(*size, dtype: torch.dtype = torch.float32, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def shm_empty(*size, dtype: torch.dtype = torch.float32, group: dist.ProcessGroup | None = None,
+              keep_free: int = 0) -> torch.Tensor:
     """An uninitialised CPU tensor in shared memory that the other ranks of this host read in place.
 
     ``all_reduce`` on such tensors (transport "shm" or "auto", every rank of the group on one host) skips
@@ -377,7 +378,9 @@ def shm_empty(*size, dtype: torch.dtype = torch.float32, group: dist.ProcessGrou
     Collective, as torch's symmetric memory: every rank of ``group`` calls it with the same size and dtype,
     in the same order; a rank that does not makes the others raise within the group's timeout. The memory
     is reserved up front (a full /dev/shm raises here) and freed when the tensor and its views are gone;
-    nothing stays in /dev/shm once every rank has mapped it.
+    nothing stays in /dev/shm once every rank has mapped it. With ``keep_free``, every rank raises instead
+    unless that many bytes of /dev/shm stay free besides the buffer (its L parts): an optional user
+    (DataParallel's buckets) need not take the room other processes count on.
 
     Example:
         >>> grads = pyparallel.shm_empty(1 << 20)   # every rank
@@ -399,7 +402,7 @@ def shm_empty(*size, dtype: torch.dtype = torch.float32, group: dist.ProcessGrou
         raise ValueError(f"shm_empty: the ranks of group '{g.group_name}' are on {len(res.layout.hosts)} hosts "
                          f"(ranks by host: {res.layout.hosts}); shared-memory buffers need every rank on one host")
     nbytes = like.numel() * like.element_size()
-    part = res.shared_buffer(nbytes)
+    part = res.shared_buffer(nbytes, keep_free)
     return part[:nbytes].view(dtype).view(shape)
 
 

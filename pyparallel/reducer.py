@@ -107,11 +107,9 @@ class Reducer:
             self.hook_state.transport = check_transport(transport, name)
         self.buckets = ops.bucket_assignment(self.params, (int(first_bucket_mb * MB), int(bucket_cap_mb * MB)))
         self.bucket_of = [0] * len(self.params)
-        self._buffers = []
         self._shared = self._reduced_through_shared_memory()
+        self._buffers = self._new_buffers()
         for b, members in enumerate(self.buckets):
-            first = self.params[members[0]]
-            self._buffers.append(self._new_buffer(first, sum(self.params[i].numel() for i in members)))
             for i in members:
                 self.bucket_of[i] = b
         self.start()
@@ -125,19 +123,34 @@ class Reducer:
             return False
         return comm.resolve_transport(torch.empty(1), group, transport) == "shm"
 
-    def _new_buffer(self, like: torch.Tensor, numel: int) -> torch.Tensor:
-        """A bucket's flat buffer; in shared memory when the shm transport reduces it (Note [Registered
-        buffers], csrc/comm/shm.h). Every rank builds the same buckets in the same order, as shm_empty
-        needs; if /dev/shm cannot hold them, every rank raises there, and all go on with plain buffers."""
-        if self._shared and like.device.type == "cpu" and like.dtype in comm.DTYPES:
+    def _new_buffers(self) -> list[torch.Tensor]:
+        """The buckets' flat buffers. When the shm transport reduces them (:meth:`_reduced_through_shared_memory`),
+        those it can reduce in place (CPU, a dtype of ``comm.DTYPES``) are views of one ``shm_empty`` buffer,
+        at the same offsets on every rank (Note [Registered buffers], csrc/comm/shm.h): every rank builds the
+        same buckets, and one collective allocation makes it all or nothing. Only if at least as much of
+        /dev/shm stays free besides it: the buckets are an optimisation, and must not take the room that
+        other processes (DataLoader workers, other groups' segments) count on. Otherwise, or if /dev/shm
+        cannot hold them, every rank warns and keeps every bucket in private memory."""
+        firsts = [self.params[members[0]] for members in self.buckets]
+        numels = [sum(self.params[i].numel() for i in members) for members in self.buckets]
+        shared = [self._shared and p.device.type == "cpu" and p.dtype in comm.DTYPES for p in firsts]
+        offsets, nbytes = [], 0
+        for p, numel, s in zip(firsts, numels, shared):
+            offsets.append(nbytes)
+            nbytes += -(-numel * p.element_size() // 64) * 64 if s else 0  # buckets start on cache lines
+        if nbytes:
             group = getattr(self.hook_state, "process_group", self.process_group)
+            parts = dist.get_world_size(group)  # the shm transport: every rank on this host
             try:
-                return comm.shm_empty(numel, dtype=like.dtype, group=group).zero_()
+                block = comm.shm_empty(nbytes, dtype=torch.uint8, group=group, keep_free=nbytes * parts)
             except RuntimeError as exc:
                 warnings.warn(f"{self.name}: gradient buckets stay in private memory ({exc}); the shared-memory "
                               "all-reduce stages them through its segment instead", stacklevel=3)
-                self._shared = False
-        return like.new_zeros(numel)
+            else:
+                block.zero_()
+                return [block[o:o + n * p.element_size()].view(p.dtype) if s else p.new_zeros(n)
+                        for p, n, s, o in zip(firsts, numels, shared, offsets)]
+        return [p.new_zeros(n) for p, n in zip(firsts, numels)]
 
     @property
     def bucket_sizes(self) -> list[int]:

@@ -183,9 +183,11 @@ class _GroupResources:
         self._share_segment(f"{self.prefix}/shm/{self.layout.host_index}", "segment", attach)
         return comm
 
-    def shared_buffer(self, nbytes: int) -> torch.Tensor:
+    def shared_buffer(self, nbytes: int, keep_free: int = 0) -> torch.Tensor:
         """This rank's part (a uint8 tensor of at least ``nbytes``) of a new buffer segment that every
-        local rank maps (Note [Registered buffers], csrc/comm/shm.h). Collective over the host's ranks."""
+        local rank maps (Note [Registered buffers], csrc/comm/shm.h). Collective over the host's ranks.
+        The host's first rank refuses it (so every local rank raises) unless ``keep_free`` bytes of
+        /dev/shm would stay free besides it."""
         comm = self.shared_memory()
         with self._lock:
             serial, self.buffers = self.buffers, self.buffers + 1
@@ -193,6 +195,12 @@ class _GroupResources:
         part: list[torch.Tensor] = []
 
         def attach(segment: str, _: str | None) -> str:
+            if keep_free and self.layout.local_rank == 0:
+                fs = os.statvfs("/dev/shm")
+                free = fs.f_bavail * fs.f_frsize
+                if stride * len(self.layout.local_ranks) + keep_free > free:
+                    raise RuntimeError(f"shm_empty: {stride * len(self.layout.local_ranks)} bytes of shared memory "
+                                       f"would leave less than {keep_free} of the {free} free in /dev/shm")
             part.append(_ops.shm_map_buffer(comm, segment, stride, self.layout.local_rank == 0, serial))
             return str(stride)
 

@@ -301,6 +301,33 @@ def _segment_reserved():
         return st.st_size, st.st_blocks * 512
 
 
+def _data_parallel_leaves_room():
+    """DataParallel's buckets go to shared memory only if at least as much of /dev/shm stays free besides
+    them (they are an optimisation; DataLoader workers and other groups' segments need the room): here
+    /dev/shm seems to have 1.5 times what they take free, so every rank warns and keeps them private."""
+    import types
+    import warnings
+
+    n = dist.get_world_size()
+    with _Group(1, slot=None) as g:
+        model = torch.nn.Linear(200, 100)  # one bucket of 20100 fp32 elements
+        taken = n * 80448  # its L parts, rounded up to 64 bytes
+        real = os.statvfs
+        os.statvfs = lambda path: types.SimpleNamespace(f_bavail=taken * 3 // 2, f_frsize=1, f_blocks=taken * 2,
+                                                        f_bsize=1)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                dp = pyparallel.DataParallel(model, process_group=g)
+        finally:
+            os.statvfs = real
+        before = _paths(g)
+        dp(torch.ones(3, 200)).sum().backward()
+        assert _took(g, before, "staged"), _paths(g)
+        assert torch.equal(model.bias.grad, torch.full((100,), 3.0)), model.bias.grad
+        return [str(w.message) for w in caught]
+
+
 def _die_in_registered_all_reduce():
     from dist_harness import kill_rank_one_during_all_reduces
 
@@ -364,6 +391,11 @@ def test_creator_that_cannot_map_leaves_nothing_in_dev_shm(dist_pool):
 def test_group_segment_is_reserved_up_front(dist_pool):
     for size, allocated in dist_pool(2).run(_segment_reserved, timeout=60):
         assert allocated >= size, f"segment of {size} bytes has only {allocated} allocated"
+
+
+def test_data_parallel_leaves_dev_shm_room_for_others(dist_pool):
+    for warned in dist_pool(2).run(_data_parallel_leaves_room, timeout=60):
+        assert len(warned) == 1 and "private memory" in warned[0] and "free in /dev/shm" in warned[0], warned
 
 
 def test_sigkill_in_registered_all_reduce_raises_and_leaves_nothing():
