@@ -371,9 +371,10 @@ def shm_empty(*size, dtype: torch.dtype = torch.float32, group: dist.ProcessGrou
     ``all_reduce`` on such tensors (transport "shm" or "auto", every rank of the group on one host) skips
     the staging through the segment's slots: each rank reduces its region straight from the others'
     tensors and copies the other regions from their owners, one barrier per round instead of the staged
-    path's two, and two more (Note [Registered buffers], csrc/comm/shm.h), when every rank passes the tensor from the same place of the
-    same ``shm_empty`` buffer (a view at the same offset on every rank works too). Otherwise the result is
-    the same, by the staged path. Results are bitwise identical to the staged path's.
+    path's two, and two more (Note [Registered buffers], csrc/comm/shm.h), when every rank passes the
+    tensor from the same place of the same ``shm_empty`` buffer (a view at the same offset on every rank
+    works too). Otherwise the result is the same, by the staged path. Results are bitwise identical to the
+    staged path's.
 
     Collective, as torch's symmetric memory: every rank of ``group`` calls it with the same size and dtype,
     in the same order; a rank that does not makes the others raise within the group's timeout. The memory
