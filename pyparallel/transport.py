@@ -242,6 +242,7 @@ class _GroupResources:
                 self.store.set(f"{key}/failed", f"rank {self.rank}: {_first_line(exc)}")
                 raise
             finally:
+                self.store.set(f"{key}/mapped/{layout.local_rank}", "1")  # who, for the timeout's message
                 self.store.add(f"{key}/mapped", 1)
             self._wait_mapped(key, what, segment)
 
@@ -250,7 +251,11 @@ class _GroupResources:
         deadline = time.monotonic() + timeout_s
         while self.store.add(f"{key}/mapped", 0) < len(local) - 1:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"shared memory: ranks {local[1:]} of this host did not map {what} "
+                try:
+                    missing = [local[q] for q in range(1, len(local)) if not self.store.check([f"{key}/mapped/{q}"])]
+                except RuntimeError:  # the store is gone too
+                    missing = local[1:]
+                raise RuntimeError(f"shared memory: ranks {missing} of this host did not map {what} "
                                    f"{segment} within the group's timeout ({timeout_s:.0f} s)")
             time.sleep(0.001)
         if self.store.check([f"{key}/failed"]):

@@ -328,6 +328,23 @@ def _data_parallel_leaves_room():
         return [str(w.message) for w in caught]
 
 
+def _die_before_shm_empty():
+    """Rank 1 dies before the handshake: the others raise within the group's timeout, naming rank 1 only
+    as the rank that did not map the buffer."""
+    import signal
+    import time
+
+    pyparallel.all_reduce(torch.ones(1))  # the world (the pool's 10 s timeout): its segment attached
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    t0 = time.monotonic()
+    try:
+        pyparallel.shm_empty(1 << 20)
+    except RuntimeError as e:
+        return time.monotonic() - t0, str(e).splitlines()[0]
+    return time.monotonic() - t0, None
+
+
 def _die_in_registered_all_reduce():
     from dist_harness import kill_rank_one_during_all_reduces
 
@@ -396,6 +413,23 @@ def test_group_segment_is_reserved_up_front(dist_pool):
 def test_data_parallel_leaves_dev_shm_room_for_others(dist_pool):
     for warned in dist_pool(2).run(_data_parallel_leaves_room, timeout=60):
         assert len(warned) == 1 and "private memory" in warned[0] and "free in /dev/shm" in warned[0], warned
+
+
+def test_rank_dead_before_the_handshake_is_named():
+    from dist_harness import WorkerPool
+
+    before = {f for f in os.listdir("/dev/shm") if f.startswith("pyparallel-")}
+    pool = WorkerPool(3, pg_timeout_s=10)
+    try:
+        outcomes = pool.outcomes(_die_before_shm_empty, timeout=60)
+    finally:
+        pool.kill()
+    assert outcomes[1][0] == "died", outcomes
+    for status, value in (outcomes[0], outcomes[2]):
+        assert status == "ok" and value[1] is not None and value[0] < 20, outcomes
+        assert "ranks [1] of this host did not map" in value[1], outcomes
+    after = {f for f in os.listdir("/dev/shm") if f.startswith("pyparallel-")}
+    assert after <= before, f"left in /dev/shm: {after - before}"
 
 
 def test_sigkill_in_registered_all_reduce_raises_and_leaves_nothing():
