@@ -85,6 +85,36 @@ long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* ti
   return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op, val, timeout, nullptr, 0);
 }
 
+// Creates (exclusively, pages reserved) or opens the POSIX shared-memory object `name` of `bytes` bytes and
+// maps it; no descriptor stays open. `kind` names it in errors ("segment", "buffer"); `open_hint` follows a
+// failed open, `size_hint` a size that differs from `bytes`.
+void* map_shared(const std::string& name, int64_t bytes, bool create, const char* op, const char* kind,
+                 const char* open_hint, const char* size_hint) {
+  const int fd = create ? shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600) : shm_open(name.c_str(), O_RDWR, 0);
+  TORCH_CHECK(fd >= 0, op, ": cannot ", create ? "create" : "open", " shared-memory ", kind, " ", name, ": ",
+              errno_text(), create ? "" : open_hint);
+  if (create) {
+    // Reserve the pages now: a sparse object maps fine, and the first rank that touches a missing page
+    // once /dev/shm has filled up (shm_empty buffers, other processes) dies of SIGBUS.
+    int err = ftruncate(fd, bytes) == 0 ? 0 : errno;
+    if (err == 0) err = posix_fallocate(fd, 0, bytes);
+    if (err != 0) {
+      close(fd);
+      shm_unlink(name.c_str());
+      TORCH_CHECK(false, op, ": cannot reserve ", bytes, " bytes of shared memory for ", kind, " ", name, ": ",
+                  std::strerror(err), " (is /dev/shm large enough? `df -h /dev/shm`)");
+    }
+  }
+  struct stat st {};
+  const bool sized = fstat(fd, &st) == 0 && st.st_size == bytes;
+  void* base = sized ? mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+  const std::string why = errno_text();
+  close(fd);  // the mapping keeps the memory
+  TORCH_CHECK(sized, op, ": ", kind, " ", name, " has ", st.st_size, " bytes, this rank expected ", bytes, size_hint);
+  TORCH_CHECK(base != MAP_FAILED, op, ": cannot map ", kind, " ", name, ": ", why);
+  return base;
+}
+
 }  // namespace
 
 struct ShmSegment {
@@ -128,29 +158,8 @@ ShmComm::ShmComm(const std::string& name, int local_rank, int local_size, std::v
   TORCH_CHECK(!name.empty() && name[0] == '/' && name.find('/', 1) == std::string::npos, op,
               ": segment name must look like '/name', got '", name, "'");
   const int64_t bytes = segment_bytes(local_size, slot_bytes);
-  const int fd = create ? shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600) : shm_open(name.c_str(), O_RDWR, 0);
-  TORCH_CHECK(fd >= 0, op, ": cannot ", create ? "create" : "open", " shared-memory segment ", name, ": ",
-              errno_text(), create ? "" : " (is every rank of this host really on one machine?)");
-  if (create) {
-    // Reserve the pages now, as map_buffer does: a sparse segment maps fine, and the first collective that
-    // touches a missing page once /dev/shm has filled up (shm_empty buffers, other processes) dies of SIGBUS.
-    int err = ftruncate(fd, bytes) == 0 ? 0 : errno;
-    if (err == 0) err = posix_fallocate(fd, 0, bytes);
-    if (err != 0) {
-      close(fd);
-      shm_unlink(name.c_str());
-      TORCH_CHECK(false, op, ": cannot reserve ", bytes, " bytes of shared memory for segment ", name, ": ",
-                  std::strerror(err), " (is /dev/shm large enough? `df -h /dev/shm`)");
-    }
-  }
-  struct stat st {};
-  const bool sized = fstat(fd, &st) == 0 && st.st_size == bytes;
-  void* base = sized ? mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
-  const std::string why = errno_text();
-  close(fd);  // the mapping keeps the memory: no descriptor stays open
-  TORCH_CHECK(sized, op, ": segment ", name, " has ", st.st_size, " bytes, expected ", bytes,
-              " (local size or slot size differ between ranks)");
-  TORCH_CHECK(base != MAP_FAILED, op, ": cannot map segment ", name, ": ", why);
+  void* base = map_shared(name, bytes, create, op, "segment", " (is every rank of this host really on one machine?)",
+                          " (local size or slot size differ between ranks)");
   seg_->base = base;
   seg_->bytes = bytes;
   SegmentHeader* h = seg_->header();
@@ -410,28 +419,8 @@ at::Tensor ShmComm::map_buffer(const std::string& name, int64_t stride, bool cre
   TORCH_CHECK(!name.empty() && name[0] == '/' && name.find('/', 1) == std::string::npos, op,
               ": segment name must look like '/name', got '", name, "'");
   const int64_t bytes = stride * size_;
-  const int fd = create ? shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600) : shm_open(name.c_str(), O_RDWR, 0);
-  TORCH_CHECK(fd >= 0, op, ": cannot ", create ? "create" : "open", " shared-memory buffer ", name, ": ", errno_text());
-  if (create) {
-    // Reserve the pages now: on a full /dev/shm a sparse segment would map fine and then kill the first
-    // rank that touches a missing page with SIGBUS.
-    int err = ftruncate(fd, bytes) == 0 ? 0 : errno;
-    if (err == 0) err = posix_fallocate(fd, 0, bytes);
-    if (err != 0) {
-      close(fd);
-      shm_unlink(name.c_str());
-      TORCH_CHECK(false, op, ": cannot reserve ", bytes, " bytes of shared memory for ", name, ": ",
-                  std::strerror(err), " (is /dev/shm large enough? `df -h /dev/shm`)");
-    }
-  }
-  struct stat st {};
-  const bool sized = fstat(fd, &st) == 0 && st.st_size == bytes;
-  void* base = sized ? mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
-  const std::string why = errno_text();
-  close(fd);
-  TORCH_CHECK(sized, op, ": buffer ", name, " has ", st.st_size, " bytes, this rank expected ", bytes,
-              " (did every rank of this host call shm_empty with the same size, in the same order?)");
-  TORCH_CHECK(base != MAP_FAILED, op, ": cannot map buffer ", name, ": ", why);
+  void* base = map_shared(name, bytes, create, op, "buffer", "",
+                          " (did every rank of this host call shm_empty with the same size, in the same order?)");
   auto buffer = std::make_shared<ShmBuffer>();
   buffer->base = static_cast<char*>(base);
   buffer->bytes = bytes;
